@@ -1,0 +1,140 @@
+"""Turning token ids and log-probabilities into ``Token`` records.
+
+Shared by ``stream`` and the stepper: the streaming text (multi-byte safe,
+stop strings held back while a partial match is pending) and the per-token
+figures (logprob, top alternatives under the model and under the sampler).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import mlx.core as mx
+
+from .sampling import SamplingParams, sampled_logprobs
+from .tokens import Alternative
+
+__all__ = ["TextAssembler", "describe", "piece_of"]
+
+
+class TextAssembler:
+    """Streaming detokenizer plus stop-string matching.
+
+    ``add(id)`` returns the text that is safe to show now; text that could be
+    the start of a stop string is held back until it can be decided.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        # A private copy: mlx-lm's wrapper shares one detokenizer per tokenizer.
+        self._detok = copy.copy(tokenizer.detokenizer)
+        self._detok.reset()
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self._detok.add_token(token_id)
+        return self._release(self._detok.last_segment)
+
+    def flush(self) -> str:
+        """Finish: release everything still held (minus a completed stop string)."""
+        self._detok.finalize()
+        text = self._release(self._detok.last_segment)
+        if not self.stopped:
+            text, self._pending = text + self._pending, ""
+        return text
+
+    def _release(self, segment: str) -> str:
+        if self.stopped:
+            return ""
+        self._pending += segment
+        if not self._stop:
+            out, self._pending = self._pending, ""
+            return out
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._pending = self._pending[: min(hits)], ""
+            return out
+        hold = self._held_suffix(self._pending)
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that begins some stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if s.startswith(text[-n:]):
+                    best = n
+                    break
+        return best
+
+
+def piece_of(tokenizer: Any, token_id: int, memo: dict[int, str]) -> str:
+    """The token's own text; raw token form when it is a partial UTF-8 byte."""
+    piece = memo.get(token_id)
+    if piece is None:
+        piece = tokenizer.decode([token_id])
+        if "\ufffd" in piece:
+            piece = _raw_bytes(tokenizer, token_id) or piece
+        memo[token_id] = piece
+    return piece
+
+
+def _byte_table() -> dict[str, int]:
+    # GPT-2 byte-level BPE maps each byte to a printable character; invert it.
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTES = _byte_table()
+
+
+def _raw_bytes(tokenizer: Any, token_id: int) -> str | None:
+    """A partial UTF-8 token shown as escaped bytes, e.g. ``'\\xc3'``."""
+    raw = str(tokenizer.convert_ids_to_tokens(token_id))
+    if raw.startswith("<0x") and raw.endswith(">"):  # SentencePiece byte fallback
+        return raw
+    if all(ch in _BYTES for ch in raw):
+        return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
+    return None
+
+
+def describe(
+    token_id: int,
+    logprobs: mx.array,
+    params: SamplingParams,
+    k: int,
+    tokenizer: Any,
+    memo: dict[int, str],
+) -> tuple[float, float | None, tuple[Alternative, ...]]:
+    """Figures for one position.
+
+    Args:
+        token_id: The token taken at this position.
+        logprobs: Model log-probabilities after processors, shape ``(vocab,)``.
+        params: Sampling settings, for the sampler's own distribution.
+        k: How many top alternatives to return (0 for none).
+
+    Returns:
+        ``(logprob, sampled_prob, top)``; ``sampled_prob`` is ``None`` when ``k == 0``.
+    """
+    if k <= 0:
+        return float(logprobs[token_id].item()), None, ()
+    k = min(k, logprobs.shape[-1])
+    sampled = sampled_logprobs(logprobs, params)
+    idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    lps, sps, own, chosen = logprobs[idx], mx.exp(sampled[idx]), mx.exp(sampled[token_id]), logprobs[token_id]
+    mx.eval(idx, lps, sps, own, chosen)
+    rows = sorted(zip(idx.tolist(), lps.tolist(), sps.tolist()), key=lambda r: -r[1])
+    top = tuple(Alternative(i, piece_of(tokenizer, i, memo), lp, sp) for i, lp, sp in rows)
+    return float(chosen.item()), float(own.item()), top

@@ -1,0 +1,139 @@
+"""The records every part of nbllm consumes: ``Token``, ``Alternative``, ``Stats``, ``Completion``."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+__all__ = ["Alternative", "Token", "Stats", "Completion", "FINISH_REASONS"]
+
+FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One candidate for a position.
+
+    Attributes:
+        id: Token id.
+        piece: The token's own text.
+        logprob: Log-probability under the model (after logits processors).
+        sampled_prob: Probability under the distribution actually sampled from
+            (after top-p/min-p/top-k and temperature); ``None`` when not computed.
+    """
+
+    id: int
+    piece: str
+    logprob: float
+    sampled_prob: float | None = None
+
+    @property
+    def prob(self) -> float:
+        """Probability under the model."""
+        return math.exp(self.logprob)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token, as streamed.
+
+    Attributes:
+        id: Token id.
+        text: The text this token adds to the output (streaming detokenizer:
+            may be empty while a multi-byte character or a possible stop string
+            is pending, and may hold text of earlier tokens when it is released).
+        piece: The token's own text, decoded alone.
+        logprob: Log-probability under the model (after logits processors).
+        index: Position in the generated sequence, from 0.
+        top: The ``top_logprobs`` most likely alternatives, most likely first.
+        sampled_prob: Probability of this token under the sampler actually used.
+        forced: True when a constraint allowed only this token.
+        special: True for the end-of-sequence token (never part of ``text``).
+        finish_reason: ``None`` except on the last record: ``stop`` (EOS or a
+            finished constraint), ``length``, ``stop_string`` or ``cancelled``.
+    """
+
+    id: int
+    text: str
+    piece: str
+    logprob: float
+    index: int = 0
+    top: tuple[Alternative, ...] = ()
+    sampled_prob: float | None = None
+    forced: bool = False
+    special: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def prob(self) -> float:
+        """Probability under the model."""
+        return math.exp(self.logprob)
+
+
+@dataclass
+class Stats:
+    """Timing and size figures for one generation.
+
+    Attributes:
+        prompt_tokens: Tokens in the prompt.
+        cached_tokens: Prompt tokens reused from a cache (not processed again).
+        generated_tokens: Tokens generated (the final EOS included).
+        time_to_first_token: Seconds from the call to the first token.
+        prompt_tps: Prompt tokens processed per second.
+        generation_tps: Generated tokens per second after the first.
+        peak_memory_gb: Peak MLX memory in GB.
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def summary(self) -> str:
+        """One line, e.g. for a notebook footer."""
+        reused = f", {self.cached_tokens} cached" if self.cached_tokens else ""
+        return (
+            f"{self.prompt_tokens} prompt tokens{reused} · first token {self.time_to_first_token * 1000:.0f} ms · "
+            f"{self.prompt_tps:.1f} prompt tok/s · {self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s"
+        )
+
+
+@dataclass
+class Completion:
+    """A finished generation: the text, every token record, and stats.
+
+    Attributes:
+        text: The generated text (stop strings and EOS excluded).
+        tokens: The token records as streamed (a final EOS record included).
+        stats: Timing figures.
+        value: The parsed value when a structured-output constraint was given.
+    """
+
+    text: str
+    tokens: list[Token]
+    stats: Stats = field(default_factory=Stats)
+    value: Any = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.tokens[-1].finish_reason if self.tokens else None
+
+    @classmethod
+    def from_tokens(cls, tokens: Iterable[Token], stats: Stats) -> "Completion":
+        toks = list(tokens)
+        return cls(text="".join(t.text for t in toks), tokens=toks, stats=stats)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<div style='white-space:pre-wrap'>{html.escape(self.text)}</div>"
+            f"<div style='color:#888;font-size:smaller'>{html.escape(self.stats.summary())} · "
+            f"finish: {self.finish_reason}</div>"
+        )

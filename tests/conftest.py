@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight models built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import nbllm  # noqa: E402  (loads the fast BLAS before mlx)
+from nbllm.fixtures import make_model  # noqa: E402
+
+ARCHS = ["llama", "qwen3", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding one tiny model per architecture (built once)."""
+    root = tmp_path_factory.mktemp("models")
+    for arch in ARCHS:
+        make_model(root / arch, arch)
+    return root
+
+
+@pytest.fixture(scope="session")
+def lm(model_dir: Path) -> nbllm.LM:
+    """The tiny llama fixture, loaded through the real ``nbllm.load``."""
+    return nbllm.load(model_dir / "llama")
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def any_lm(request: pytest.FixtureRequest, model_dir: Path) -> nbllm.LM:
+    """Each fixture architecture in turn."""
+    return nbllm.load(model_dir / request.param)
