@@ -83,8 +83,6 @@ class Stepper:
         self._prefill(self.prompt_ids, embeddings, prefill_step_size)
         self._text = TextAssembler(lm.tokenizer)
         self.text = ""
-        if self.params.seed is not None:
-            mx.random.seed(self.params.seed)
 
     # -- state ---------------------------------------------------------------
     @property
@@ -111,6 +109,9 @@ class Stepper:
     def step(self) -> Token:
         """Sample the next token with the stepper's settings and return it."""
         self._check_open()
+        if self.params.seed is not None:
+            # Seed per position: reproducible across steppers, after back(), and in branches.
+            mx.random.seed((self.params.seed * 1_000_003 + len(self.ids)) % 2**32)
         token_id = int(self._sampler(self._logprobs[None]).item())
         return self._take(token_id)
 
