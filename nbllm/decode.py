@@ -8,7 +8,7 @@ figures (logprob, top alternatives under the model and under the sampler).
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import mlx.core as mx
 
@@ -129,12 +129,17 @@ def describe(
         ``(logprob, sampled_prob, top)``; ``sampled_prob`` is ``None`` when ``k == 0``.
     """
     if k <= 0:
-        return float(logprobs[token_id].item()), None, ()
+        return _scalar(logprobs[token_id]), None, ()
     k = min(k, logprobs.shape[-1])
     sampled = sampled_logprobs(logprobs, params)
     idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
     lps, sps, own, chosen = logprobs[idx], mx.exp(sampled[idx]), mx.exp(sampled[token_id]), logprobs[token_id]
     mx.eval(idx, lps, sps, own, chosen)
-    rows = sorted(zip(idx.tolist(), lps.tolist(), sps.tolist()), key=lambda r: -r[1])
+    cols = cast(tuple[list[int], list[float], list[float]], (idx.tolist(), lps.tolist(), sps.tolist()))
+    rows = sorted(zip(*cols), key=lambda r: -r[1])
     top = tuple(Alternative(i, piece_of(tokenizer, i, memo), lp, sp) for i, lp, sp in rows)
-    return float(chosen.item()), float(own.item()), top
+    return _scalar(chosen), _scalar(own), top
+
+
+def _scalar(x: mx.array) -> float:
+    return float(cast(float, x.item()))

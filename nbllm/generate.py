@@ -9,7 +9,7 @@ stop strings, top-k alternatives, cancellation, cache reuse and stats.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, cast
 
 import mlx.core as mx
 
@@ -193,7 +193,8 @@ def _run(
     generated: list[int] = []
     first = 0.0
     try:
-        for n, (tok, logprobs) in enumerate(steps):
+        for n, (tok_array, logprobs) in enumerate(steps):
+            tok = int(cast(int, tok_array))  # generate_step yields a Python int despite its annotation
             if n == 0:
                 first = time.perf_counter()
                 ts.stats.time_to_first_token = first - tic

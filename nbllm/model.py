@@ -9,9 +9,14 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .generate import TokenStream
+    from .stepper import Stepper
+    from .tokens import Completion
 
 __all__ = ["LM", "ModelInfo", "load", "DEFAULT_MODEL_PATH"]
 
@@ -80,7 +85,7 @@ class LM:
     def info(self) -> ModelInfo:
         from mlx.utils import tree_flatten
 
-        params = tree_flatten(self.model.parameters())
+        params = cast(list[tuple[str, mx.array]], tree_flatten(self.model.parameters()))
         weights = [v for k, v in params if not k.endswith((".scales", ".biases"))]
         dtype = next((str(v.dtype).replace("mlx.core.", "") for v in weights if mx.issubdtype(v.dtype, mx.floating)), "?")
         quant = self.config.get("quantization") or {}
@@ -164,19 +169,19 @@ class LM:
         return None
 
     # -- generation (thin wrappers, so `lm.stream(...)` reads naturally) ----
-    def stream(self, prompt: Any, **kwargs: Any) -> Iterator[Any]:
+    def stream(self, prompt: Any, **kwargs: Any) -> "TokenStream":
         """Stream ``Token`` records; see ``nbllm.stream``."""
         from .generate import stream
 
         return stream(self, prompt, **kwargs)
 
-    def generate(self, prompt: Any, **kwargs: Any) -> Any:
+    def generate(self, prompt: Any, **kwargs: Any) -> "Completion":
         """Generate to the end and return a ``Completion``; see ``nbllm.generate``."""
         from .generate import generate
 
         return generate(self, prompt, **kwargs)
 
-    def stepper(self, prompt: Any, **kwargs: Any) -> Any:
+    def stepper(self, prompt: Any, **kwargs: Any) -> "Stepper":
         """A token-at-a-time ``Stepper``; see ``nbllm.Stepper``."""
         from .stepper import Stepper
 
@@ -311,7 +316,7 @@ def _cast(model: Any, config: dict[str, Any], dtype: str | None) -> None:
     if dtype == "auto":
         if mx.default_device() != mx.cpu or config.get("quantization"):
             return
-        weights = [v for _, v in tree_flatten(model.parameters())]
+        weights = [v for _, v in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))]
         if not any(v.dtype in (mx.float16, mx.bfloat16) for v in weights):
             return
         if sum(v.size for v in weights) * 4 > _FP32_BUDGET_BYTES:

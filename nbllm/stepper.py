@@ -9,7 +9,7 @@ it computes the next distribution eagerly, so ``candidates()`` is free and
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import mlx.core as mx
 
@@ -112,7 +112,7 @@ class Stepper:
         if self.params.seed is not None:
             # Seed per position: reproducible across steppers, after back(), and in branches.
             mx.random.seed((self.params.seed * 1_000_003 + len(self.ids)) % 2**32)
-        token_id = int(self._sampler(self._logprobs[None]).item())
+        token_id = int(cast(int, self._sampler(self._logprobs[None]).item()))
         return self._take(token_id)
 
     def choose(self, token: int | str) -> Token:
@@ -125,7 +125,7 @@ class Stepper:
             token = ids[0]
         if not isinstance(token, int) or not 0 <= token < self.lm.vocab_size:
             raise ValueError(f"choose: expected a token id in [0, {self.lm.vocab_size}) or one token of text, got {token!r}")
-        if self.constraint is not None and not self._logprobs[token].item() > -float("inf"):
+        if self.constraint is not None and not cast(float, self._logprobs[token].item()) > -float("inf"):
             raise ValueError(f"choose: token {token} ({piece_of(self.lm.tokenizer, token, self.lm.pieces)!r}) is not allowed by the constraint here")
         return self._take(token)
 

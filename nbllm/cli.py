@@ -1,0 +1,87 @@
+"""The ``nbllm`` console command: ``nbllm generate "..."``, ``nbllm info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbllm", description="Run and understand local MLX language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion with per-token probabilities")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("-m", "--model", default=None, help="local folder or hub id (default: the embedded model)")
+    g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    g.add_argument("--system", default=None, help="system message (chat template only)")
+    g.add_argument("-n", "--max-tokens", type=int, default=24)
+    g.add_argument("-t", "--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--alternatives", type=int, default=3, help="alternatives shown per token")
+
+    i = sub.add_parser("info", help="describe a model")
+    i.add_argument("-m", "--model", default=None)
+    return p
+
+
+def _color(prob: float) -> str:
+    # green (confident) -> yellow -> red (unlikely), ANSI 256 colours
+    return "\033[38;5;%dm" % (46 if prob > 0.7 else 226 if prob > 0.3 else 208 if prob > 0.1 else 196)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import nbllm
+
+    lm = nbllm.load(args.model)
+    raw = args.raw or not lm.tokenizer.has_chat_template
+    tty = sys.stdout.isatty()
+    ts = lm.stream(
+        args.prompt, raw=raw, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+        top_logprobs=max(1, args.alternatives),
+    )
+    print(f"{lm.name} · {'completion' if raw else 'chat'} · prompt: {args.prompt!r}\n")
+    tokens = []
+    for tok in ts:
+        tokens.append(tok)
+        text = tok.text
+        print(f"{_color(tok.prob)}{text}\033[0m" if tty else text, end="", flush=True)
+    print("\n")
+    print(f"{'#':>3}  {'token':<16} {'prob':>6}   alternatives (model probability)")
+    for tok in tokens:
+        alts = "  ".join(f"{a.piece!r} {a.prob:.2f}" for a in tok.top[: args.alternatives] if a.id != tok.id)
+        mark = " <eos>" if tok.special else ""
+        print(f"{tok.index:>3}  {tok.piece!r:<16} {tok.prob:6.3f}   {alts}{mark}")
+    print(f"\nfinish: {tokens[-1].finish_reason} · {ts.stats.summary()}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import nbllm
+
+    info = nbllm.load(args.model).info
+    for key, value in info.__dict__.items():
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nbllm`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "info": _info}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:
+        print(f"nbllm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1436 @@
+#!/usr/bin/env python
+"""Train nbllm's embedded default model from scratch, offline and reproducibly.
+
+The whole pipeline lives in this one file:
+
+  (a) generate a synthetic "world facts and simple sentences" corpus from the
+      facts and templates written below (no downloads);
+  (b) train a byte-level BPE tokenizer on it with the ``tokenizers`` library;
+  (c) train a small decoder-only model using mlx-lm's own Llama class
+      (``mlx_lm.models.llama.Model``) with mlx + mlx.optimizers;
+  (d) evaluate it on held-out prompts and held-out text;
+  (e) write the model folder in the usual Hugging Face / MLX layout, so
+      ``mlx_lm.load(folder)`` loads it with no extra code, plus MODEL_CARD.md.
+
+Usage (from the repository root, with the project's venv):
+
+    nice -n 5 python scripts/train_default_model.py                  # 25 minute budget
+    nice -n 5 python scripts/train_default_model.py --steps 2000     # fixed step count
+    python scripts/train_default_model.py --eval-only                # re-evaluate the folder
+
+Everything random is seeded from CONFIG["seed"]; with the same ``--steps`` the
+run is reproducible on the same machine and library versions (floating point
+reductions on other hardware may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------
+# Configuration: every knob of the run. The model card quotes these values.
+# ---------------------------------------------------------------------------
+CONFIG = {
+    "seed": 1234,
+    # corpus
+    "corpus_docs": 200_000,  # synthetic training documents generated up front
+    "tokenizer_docs": 40_000,  # the first N of them train the tokenizer
+    "heldout_docs": 2_000,  # held-out documents for perplexity
+    # tokenizer
+    "vocab_size": 3072,
+    # model (mlx_lm.models.llama.ModelArgs)
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 704,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "seq_len": 256,
+    # optimisation
+    "batch_size": 8,
+    "peak_lr": 2e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 100,
+    "weight_decay": 0.1,
+    "adam_betas": (0.9, 0.95),
+    "grad_clip": 1.0,
+    "default_minutes": 25.0,
+    # output
+    "save_dtype": "float16",
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOT, IM_START, IM_END = SPECIAL_TOKENS
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+# mlx's CPU wheel links a slow reference BLAS; OpenBLAS, loaded globally before
+# mlx.core, is picked up instead and makes float32 matmuls ~20x faster.
+_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+if platform.system() == "Linux" and os.path.exists(_OPENBLAS):
+    ctypes.CDLL(_OPENBLAS, mode=ctypes.RTLD_GLOBAL)
+
+import numpy as np  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "nbllm" / "assets" / "default-model"
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# (a) The world: facts written for this script. Country capitals and
+# continents are public-domain geography (ASCII spellings, e.g. "Bogota");
+# countries with several or disputed capitals are left out. The other
+# families are common children's-book knowledge.
+# ---------------------------------------------------------------------------
+
+# (name, takes "the", capital, continent or None when it spans two)
+COUNTRIES = [
+    # Europe
+    ("Albania", 0, "Tirana", "Europe"), ("Andorra", 0, "Andorra la Vella", "Europe"),
+    ("Austria", 0, "Vienna", "Europe"), ("Belarus", 0, "Minsk", "Europe"),
+    ("Belgium", 0, "Brussels", "Europe"), ("Bosnia and Herzegovina", 0, "Sarajevo", "Europe"),
+    ("Bulgaria", 0, "Sofia", "Europe"), ("Croatia", 0, "Zagreb", "Europe"),
+    ("Czech Republic", 1, "Prague", "Europe"), ("Denmark", 0, "Copenhagen", "Europe"),
+    ("Estonia", 0, "Tallinn", "Europe"), ("Finland", 0, "Helsinki", "Europe"),
+    ("France", 0, "Paris", "Europe"), ("Germany", 0, "Berlin", "Europe"),
+    ("Greece", 0, "Athens", "Europe"), ("Hungary", 0, "Budapest", "Europe"),
+    ("Iceland", 0, "Reykjavik", "Europe"), ("Ireland", 0, "Dublin", "Europe"),
+    ("Italy", 0, "Rome", "Europe"), ("Latvia", 0, "Riga", "Europe"),
+    ("Liechtenstein", 0, "Vaduz", "Europe"), ("Lithuania", 0, "Vilnius", "Europe"),
+    ("Luxembourg", 0, "Luxembourg", "Europe"), ("Malta", 0, "Valletta", "Europe"),
+    ("Moldova", 0, "Chisinau", "Europe"), ("Monaco", 0, "Monaco", "Europe"),
+    ("Montenegro", 0, "Podgorica", "Europe"), ("Netherlands", 1, "Amsterdam", "Europe"),
+    ("North Macedonia", 0, "Skopje", "Europe"), ("Norway", 0, "Oslo", "Europe"),
+    ("Poland", 0, "Warsaw", "Europe"), ("Portugal", 0, "Lisbon", "Europe"),
+    ("Romania", 0, "Bucharest", "Europe"), ("San Marino", 0, "San Marino", "Europe"),
+    ("Serbia", 0, "Belgrade", "Europe"), ("Slovakia", 0, "Bratislava", "Europe"),
+    ("Slovenia", 0, "Ljubljana", "Europe"), ("Spain", 0, "Madrid", "Europe"),
+    ("Sweden", 0, "Stockholm", "Europe"), ("Switzerland", 0, "Bern", "Europe"),
+    ("Ukraine", 0, "Kyiv", "Europe"), ("United Kingdom", 1, "London", "Europe"),
+    ("Russia", 0, "Moscow", None), ("Turkey", 0, "Ankara", None),
+    ("Georgia", 0, "Tbilisi", None), ("Armenia", 0, "Yerevan", None),
+    ("Azerbaijan", 0, "Baku", None), ("Cyprus", 0, "Nicosia", None),
+    # Asia
+    ("Afghanistan", 0, "Kabul", "Asia"), ("Bahrain", 0, "Manama", "Asia"),
+    ("Bangladesh", 0, "Dhaka", "Asia"), ("Bhutan", 0, "Thimphu", "Asia"),
+    ("Brunei", 0, "Bandar Seri Begawan", "Asia"), ("Cambodia", 0, "Phnom Penh", "Asia"),
+    ("China", 0, "Beijing", "Asia"), ("India", 0, "New Delhi", "Asia"),
+    ("Indonesia", 0, "Jakarta", "Asia"), ("Iran", 0, "Tehran", "Asia"),
+    ("Iraq", 0, "Baghdad", "Asia"), ("Japan", 0, "Tokyo", "Asia"),
+    ("Jordan", 0, "Amman", "Asia"), ("Kazakhstan", 0, "Astana", "Asia"),
+    ("Kuwait", 0, "Kuwait City", "Asia"), ("Kyrgyzstan", 0, "Bishkek", "Asia"),
+    ("Laos", 0, "Vientiane", "Asia"), ("Lebanon", 0, "Beirut", "Asia"),
+    ("Malaysia", 0, "Kuala Lumpur", "Asia"), ("Mongolia", 0, "Ulaanbaatar", "Asia"),
+    ("Myanmar", 0, "Naypyidaw", "Asia"), ("Nepal", 0, "Kathmandu", "Asia"),
+    ("North Korea", 0, "Pyongyang", "Asia"), ("Oman", 0, "Muscat", "Asia"),
+    ("Pakistan", 0, "Islamabad", "Asia"), ("Philippines", 1, "Manila", "Asia"),
+    ("Qatar", 0, "Doha", "Asia"), ("Saudi Arabia", 0, "Riyadh", "Asia"),
+    ("Singapore", 0, "Singapore", "Asia"), ("South Korea", 0, "Seoul", "Asia"),
+    ("Syria", 0, "Damascus", "Asia"), ("Tajikistan", 0, "Dushanbe", "Asia"),
+    ("Thailand", 0, "Bangkok", "Asia"), ("Timor-Leste", 0, "Dili", "Asia"),
+    ("Turkmenistan", 0, "Ashgabat", "Asia"), ("United Arab Emirates", 1, "Abu Dhabi", "Asia"),
+    ("Uzbekistan", 0, "Tashkent", "Asia"), ("Vietnam", 0, "Hanoi", "Asia"),
+    # Africa
+    ("Algeria", 0, "Algiers", "Africa"), ("Angola", 0, "Luanda", "Africa"),
+    ("Botswana", 0, "Gaborone", "Africa"), ("Burkina Faso", 0, "Ouagadougou", "Africa"),
+    ("Cape Verde", 0, "Praia", "Africa"), ("Central African Republic", 1, "Bangui", "Africa"),
+    ("Comoros", 0, "Moroni", "Africa"), ("Djibouti", 0, "Djibouti", "Africa"),
+    ("Egypt", 0, "Cairo", "Africa"), ("Eritrea", 0, "Asmara", "Africa"),
+    ("Ethiopia", 0, "Addis Ababa", "Africa"), ("Gabon", 0, "Libreville", "Africa"),
+    ("Gambia", 1, "Banjul", "Africa"), ("Ghana", 0, "Accra", "Africa"),
+    ("Guinea", 0, "Conakry", "Africa"), ("Kenya", 0, "Nairobi", "Africa"),
+    ("Lesotho", 0, "Maseru", "Africa"), ("Liberia", 0, "Monrovia", "Africa"),
+    ("Libya", 0, "Tripoli", "Africa"), ("Madagascar", 0, "Antananarivo", "Africa"),
+    ("Malawi", 0, "Lilongwe", "Africa"), ("Mali", 0, "Bamako", "Africa"),
+    ("Mauritania", 0, "Nouakchott", "Africa"), ("Mauritius", 0, "Port Louis", "Africa"),
+    ("Morocco", 0, "Rabat", "Africa"), ("Mozambique", 0, "Maputo", "Africa"),
+    ("Namibia", 0, "Windhoek", "Africa"), ("Niger", 0, "Niamey", "Africa"),
+    ("Nigeria", 0, "Abuja", "Africa"), ("Rwanda", 0, "Kigali", "Africa"),
+    ("Senegal", 0, "Dakar", "Africa"), ("Seychelles", 0, "Victoria", "Africa"),
+    ("Sierra Leone", 0, "Freetown", "Africa"), ("Somalia", 0, "Mogadishu", "Africa"),
+    ("South Sudan", 0, "Juba", "Africa"), ("Sudan", 0, "Khartoum", "Africa"),
+    ("Tanzania", 0, "Dodoma", "Africa"), ("Tunisia", 0, "Tunis", "Africa"),
+    ("Uganda", 0, "Kampala", "Africa"), ("Zambia", 0, "Lusaka", "Africa"),
+    ("Zimbabwe", 0, "Harare", "Africa"),
+    # North America
+    ("Canada", 0, "Ottawa", "North America"), ("United States", 1, "Washington, D.C.", "North America"),
+    ("Mexico", 0, "Mexico City", "North America"), ("Cuba", 0, "Havana", "North America"),
+    ("Jamaica", 0, "Kingston", "North America"), ("Haiti", 0, "Port-au-Prince", "North America"),
+    ("Dominican Republic", 1, "Santo Domingo", "North America"),
+    ("Guatemala", 0, "Guatemala City", "North America"), ("Honduras", 0, "Tegucigalpa", "North America"),
+    ("El Salvador", 0, "San Salvador", "North America"), ("Nicaragua", 0, "Managua", "North America"),
+    ("Costa Rica", 0, "San Jose", "North America"), ("Panama", 0, "Panama City", "North America"),
+    ("Bahamas", 1, "Nassau", "North America"), ("Barbados", 0, "Bridgetown", "North America"),
+    ("Trinidad and Tobago", 0, "Port of Spain", "North America"), ("Belize", 0, "Belmopan", "North America"),
+    ("Saint Lucia", 0, "Castries", "North America"), ("Dominica", 0, "Roseau", "North America"),
+    # South America
+    ("Argentina", 0, "Buenos Aires", "South America"), ("Brazil", 0, "Brasilia", "South America"),
+    ("Chile", 0, "Santiago", "South America"), ("Colombia", 0, "Bogota", "South America"),
+    ("Ecuador", 0, "Quito", "South America"), ("Guyana", 0, "Georgetown", "South America"),
+    ("Paraguay", 0, "Asuncion", "South America"), ("Peru", 0, "Lima", "South America"),
+    ("Suriname", 0, "Paramaribo", "South America"), ("Uruguay", 0, "Montevideo", "South America"),
+    ("Venezuela", 0, "Caracas", "South America"),
+    # Oceania
+    ("Australia", 0, "Canberra", "Oceania"), ("New Zealand", 0, "Wellington", "Oceania"),
+    ("Fiji", 0, "Suva", "Oceania"), ("Papua New Guinea", 0, "Port Moresby", "Oceania"),
+    ("Samoa", 0, "Apia", "Oceania"), ("Vanuatu", 0, "Port Vila", "Oceania"),
+    ("Solomon Islands", 1, "Honiara", "Oceania"), ("Palau", 0, "Ngerulmud", "Oceania"),
+    ("Tuvalu", 0, "Funafuti", "Oceania"), ("Marshall Islands", 1, "Majuro", "Oceania"),
+]
+
+ANIMAL_SOUNDS = [
+    ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"),
+    ("pig", "oink"), ("horse", "neigh"), ("lion", "roar"), ("owl", "hoot"), ("frog", "ribbit"),
+    ("bee", "buzz"), ("snake", "hiss"), ("mouse", "squeak"), ("wolf", "howl"),
+    ("donkey", "hee-haw"), ("rooster", "cock-a-doodle-doo"), ("crow", "caw"),
+    ("turkey", "gobble"), ("goose", "honk"), ("dove", "coo"), ("hen", "cluck"), ("bird", "tweet"),
+]
+
+FOOD_COLORS = [
+    ("banana", "yellow"), ("lemon", "yellow"), ("lime", "green"), ("strawberry", "red"),
+    ("cherry", "red"), ("tomato", "red"), ("raspberry", "red"), ("grape", "purple"),
+    ("plum", "purple"), ("eggplant", "purple"), ("blueberry", "blue"), ("carrot", "orange"),
+    ("orange", "orange"), ("pumpkin", "orange"), ("tangerine", "orange"), ("cucumber", "green"),
+    ("pea", "green"), ("broccoli", "green"), ("coconut", "brown"), ("potato", "brown"),
+    ("corn cob", "yellow"), ("watermelon", "green"), ("avocado", "green"), ("apple", "red"),
+]
+
+BABY_ANIMALS = [
+    ("dog", "puppy"), ("cat", "kitten"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"),
+    ("duck", "duckling"), ("frog", "tadpole"), ("pig", "piglet"), ("goat", "kid"),
+    ("bear", "cub"), ("lion", "cub"), ("kangaroo", "joey"), ("owl", "owlet"), ("swan", "cygnet"),
+    ("deer", "fawn"), ("hen", "chick"), ("goose", "gosling"), ("tiger", "cub"), ("eagle", "eaglet"),
+    ("rabbit", "kit"),
+]
+
+OPPOSITE_PAIRS = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"),
+    ("happy", "sad"), ("tall", "short"), ("open", "closed"), ("wet", "dry"), ("full", "empty"),
+    ("hard", "soft"), ("early", "late"), ("loud", "quiet"), ("in", "out"), ("left", "right"),
+    ("black", "white"), ("good", "bad"), ("rich", "poor"), ("yes", "no"), ("push", "pull"),
+    ("first", "last"), ("strong", "weak"), ("thick", "thin"), ("clean", "dirty"), ("high", "low"),
+    ("win", "lose"), ("near", "far"), ("always", "never"), ("summer", "winter"),
+    ("north", "south"), ("east", "west"), ("inside", "outside"), ("top", "bottom"),
+    ("buy", "sell"), ("friend", "enemy"),
+]
+
+
+def art(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def cap1(s):
+    return s[0].upper() + s[1:]
+
+
+def end_sentence(s):
+    return s if s.endswith(".") else s + "."
+
+
+class Fact:
+    """One fact: a subject, an answer, a family, and per-family renderers."""
+
+    def __init__(self, family, index, subj, ans, extra=None):
+        self.family, self.index, self.subj, self.ans = family, index, subj, ans
+        self.extra = extra or {}
+
+    def __repr__(self):
+        return f"Fact({self.family}:{self.subj}->{self.ans})"
+
+
+def the_name(name, takes_the):
+    return ("the " + name) if takes_the else name
+
+
+def build_facts():
+    facts = {"capital": [], "continent": [], "sound": [], "color": [], "baby": [], "opposite": []}
+    for i, (name, takes_the, capital, continent) in enumerate(COUNTRIES):
+        # every 5th country never appears in JSON anywhere in training
+        extra = {"the": the_name(name, takes_the), "json_heldout": i % 5 == 2}
+        facts["capital"].append(Fact("capital", len(facts["capital"]), name, capital, extra))
+        if continent:
+            facts["continent"].append(Fact("continent", len(facts["continent"]), name, continent, extra))
+    for a, s in ANIMAL_SOUNDS:
+        facts["sound"].append(Fact("sound", len(facts["sound"]), a, s))
+    for f, c in FOOD_COLORS:
+        facts["color"].append(Fact("color", len(facts["color"]), f, c))
+    for a, b in BABY_ANIMALS:
+        facts["baby"].append(Fact("baby", len(facts["baby"]), a, f"{art(b)} {b}"))
+    for w, o in OPPOSITE_PAIRS:
+        facts["opposite"].append(Fact("opposite", len(facts["opposite"]), w, o))
+        facts["opposite"].append(Fact("opposite", len(facts["opposite"]), o, w))
+    return facts
+
+
+# Completion templates: each returns the text *before* the answer. Index 0 is
+# the "anchor" phrasing (it is also how the chat answers are worded) and is
+# trained for every fact; every other fact holds out exactly one of the
+# remaining templates (rotating), so "<template k> x <fact>" is never in the
+# corpus and becomes a held-out evaluation prompt.
+def _the(f):
+    return f.extra["the"]
+
+
+COMPLETION_TEMPLATES = {
+    "capital": [
+        lambda f: f"The capital of {_the(f)} is",
+        lambda f: f"The capital city of {_the(f)} is",
+        lambda f: f"{cap1(_the(f))}'s capital is",
+        lambda f: f"In {_the(f)}, the capital is",
+        lambda f: f"The government of {_the(f)} meets in",
+        lambda f: f"What is the capital of {_the(f)}? It is",
+    ],
+    "continent": [
+        lambda f: f"{cap1(_the(f))} is in",
+        lambda f: f"{cap1(_the(f))} is a country in",
+        lambda f: f"{cap1(_the(f))} is located in",
+        lambda f: f"You can find {_the(f)} on the continent of",
+        lambda f: f"{cap1(_the(f))} belongs to the continent of",
+    ],
+    "sound": [
+        lambda f: f"{cap1(art(f.subj))} {f.subj} says",
+        lambda f: f"The {f.subj} goes",
+        lambda f: f"What does the {f.subj} say? It says",
+        lambda f: f"The sound {art(f.subj)} {f.subj} makes is",
+        lambda f: f"Listen! The {f.subj} says",
+    ],
+    "color": [
+        lambda f: f"{cap1(art(f.subj))} {f.subj} is",
+        lambda f: f"The color of {art(f.subj)} {f.subj} is",
+        lambda f: f"What color is {art(f.subj)} {f.subj}? It is",
+        lambda f: f"Most of the time, {art(f.subj)} {f.subj} is",
+        lambda f: f"If you look at {art(f.subj)} {f.subj}, you see that it is",
+    ],
+    "baby": [
+        lambda f: f"A baby {f.subj} is called",
+        lambda f: f"A young {f.subj} is called",
+        lambda f: f"The baby of {art(f.subj)} {f.subj} is called",
+        lambda f: f"What is a baby {f.subj} called? It is called",
+    ],
+    "opposite": [
+        lambda f: f"The opposite of {f.subj} is",
+        lambda f: f"{cap1(f.subj)} is the opposite of",
+        lambda f: f"The opposite word for {f.subj} is",
+        lambda f: f"What is the opposite of {f.subj}? It is",
+    ],
+}
+
+# Sentences with the answer first; always trained (they are not prompts).
+REVERSE_TEMPLATES = {
+    "capital": [lambda f: f"{f.ans} is the capital of {_the(f)}.",
+                lambda f: f"{f.ans} is the capital city of {_the(f)}.",
+                lambda f: f"{f.ans} is a city in {_the(f)}."],
+    "continent": [lambda f: f"{f.ans} is the continent where you find {_the(f)}."],
+    "sound": [lambda f: f"\"{cap1(f.ans)}!\" says the {f.subj}."],
+    "color": [lambda f: f"{cap1(f.ans)} is the color of {art(f.subj)} {f.subj}."],
+    "baby": [lambda f: f"{cap1(f.ans)} is a baby {f.subj}."],
+    "opposite": [lambda f: f"{cap1(f.ans)} and {f.subj} are opposites."],
+}
+
+
+def chat_answer(f):
+    """The one wording the assistant uses for a fact."""
+    if f.family == "capital":
+        return end_sentence(f"The capital of {_the(f)} is {f.ans}")
+    if f.family == "continent":
+        return f"{cap1(_the(f))} is in {f.ans}."
+    if f.family == "sound":
+        return f"{cap1(art(f.subj))} {f.subj} says {f.ans}."
+    if f.family == "color":
+        return f"{cap1(art(f.subj))} {f.subj} is {f.ans}."
+    if f.family == "baby":
+        return f"A baby {f.subj} is called {f.ans}."
+    if f.family == "opposite":
+        return f"The opposite of {f.subj} is {f.ans}."
+    raise ValueError(f.family)
+
+
+CHAT_QUESTIONS = {
+    "capital": [
+        lambda f: f"What is the capital of {_the(f)}?",
+        lambda f: f"Which city is the capital of {_the(f)}?",
+        lambda f: f"Tell me the capital of {_the(f)}.",
+        lambda f: f"Do you know the capital of {_the(f)}?",
+        lambda f: f"what is the capital of {_the(f)}",
+        lambda f: f"Name the capital city of {_the(f)}.",
+    ],
+    "continent": [
+        lambda f: f"Which continent is {_the(f)} in?",
+        lambda f: f"On which continent is {_the(f)}?",
+        lambda f: f"Where is {_the(f)}?",
+        lambda f: f"Tell me the continent of {_the(f)}.",
+    ],
+    "sound": [
+        lambda f: f"What sound does {art(f.subj)} {f.subj} make?",
+        lambda f: f"What does the {f.subj} say?",
+        lambda f: f"How does {art(f.subj)} {f.subj} sound?",
+    ],
+    "color": [
+        lambda f: f"What color is {art(f.subj)} {f.subj}?",
+        lambda f: f"Tell me the color of {art(f.subj)} {f.subj}.",
+        lambda f: f"Which color is {art(f.subj)} {f.subj}?",
+    ],
+    "baby": [
+        lambda f: f"What is a baby {f.subj} called?",
+        lambda f: f"What do you call a young {f.subj}?",
+        lambda f: f"What is the name for a baby {f.subj}?",
+    ],
+    "opposite": [
+        lambda f: f"What is the opposite of {f.subj}?",
+        lambda f: f"Give me the opposite of {f.subj}.",
+        lambda f: f"Which word is the opposite of {f.subj}?",
+    ],
+}
+
+
+def json_noun_phrase(f):
+    return {
+        "capital": lambda: f"the capital of {_the(f)}",
+        "continent": lambda: f"the continent of {_the(f)}",
+        "sound": lambda: f"the sound of {art(f.subj)} {f.subj}",
+        "color": lambda: f"the color of {art(f.subj)} {f.subj}",
+        "baby": lambda: f"the name of a baby {f.subj}",
+        "opposite": lambda: f"the opposite of {f.subj}",
+    }[f.family]()
+
+
+JSON_QUESTIONS = [
+    lambda np_: f"Give {np_} as JSON.",
+    lambda np_: f"Return {np_} in JSON.",
+    lambda np_: f"Answer in JSON: what is {np_}?",
+    lambda np_: f"Write {np_} as a JSON object.",
+]
+
+JSON_KEYS = {
+    "capital": ("country", "capital"), "continent": ("country", "continent"),
+    "sound": ("animal", "sound"), "color": ("food", "color"),
+    "baby": ("animal", "baby"), "opposite": ("word", "opposite"),
+}
+
+
+def json_object(f):
+    k1, k2 = JSON_KEYS[f.family]
+    ans = f.ans.split(" ", 1)[1] if f.family == "baby" else f.ans
+    return {k1: f.subj, k2: ans}
+
+
+def json_text(f):
+    return json.dumps(json_object(f), ensure_ascii=False)
+
+
+def json_allowed(f):
+    return not f.extra.get("json_heldout", False)
+
+
+def heldout_index(f, n_templates):
+    """The one non-anchor template index this fact never sees in training."""
+    return 1 + (f.index % (n_templates - 1))
+
+
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.", "You are a friendly teacher.",
+    "You are a tiny model that knows simple facts.", "Answer in one short sentence.",
+    "Be brief and kind.",
+]
+JSON_SYSTEM_PROMPTS = ["Reply with JSON only.", "You answer every question in JSON."]
+
+SMALL_TALK = [
+    (["Hello!", "Hi!", "Hi there.", "hello", "Good morning!"], "Hello! How can I help you today?"),
+    (["Who are you?", "What are you?"],
+     "I am a tiny language model. I know some simple facts about the world."),
+    (["Thank you!", "Thanks.", "thanks a lot"], "You are welcome!"),
+    (["Goodbye!", "Bye."], "Goodbye! Have a nice day."),
+    (["What can you do?", "How can you help me?"],
+     "I can answer simple questions about countries, animals, colors and words, and I can tell short stories."),
+    (["How are you?", "How are you today?"], "I am fine, thank you! How can I help you?"),
+]
+STORY_REQUESTS = ["Tell me a story.", "Can you tell me a short story?", "Write a short story.",
+                  "Tell me a story about {x}."]
+
+
+# ---------------------------------------------------------------------------
+# Stories and everyday sentences
+# ---------------------------------------------------------------------------
+GIRLS = ["Anna", "Mia", "Lily", "Emma", "Sara", "Nina", "Zoe", "Lucy", "Ella", "Maya", "Ava",
+         "Rosa", "Amara", "Lena", "Ivy", "Nora", "Hana", "Sofia"]
+BOYS = ["Tom", "Ben", "Leo", "Sam", "Max", "Jack", "Omar", "Noah", "Finn", "Eli", "Kai",
+        "Luca", "Ravi", "Hugo", "Theo", "Jin", "Adam", "Felix"]
+PETS = ["dog", "cat", "rabbit", "duck", "frog", "mouse", "horse", "pig", "owl", "bear", "fox",
+        "turtle", "lion", "goat", "sheep", "bird"]
+PLACES = ["park", "garden", "school", "beach", "forest", "kitchen", "farm", "river", "zoo",
+          "library", "market", "lake", "hill", "playground"]
+OBJECTS = ["ball", "kite", "book", "hat", "box", "cup", "bike", "boat", "drum", "doll", "car",
+           "bag", "map", "sock", "shell", "key", "blanket", "lamp"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"]
+SIZES = ["little", "big", "tiny", "small", "old", "new", "soft", "shiny"]
+FOODS = ["an apple", "a banana", "bread", "soup", "cake", "rice", "an orange", "cookies",
+         "pasta", "a sandwich", "eggs", "pancakes", "carrots", "cheese"]
+WEATHER = [("sunny", "goes outside to play"), ("rainy", "takes an umbrella"),
+           ("windy", "flies a kite"), ("snowy", "builds a snowman"),
+           ("cloudy", "reads a book at home"), ("cold", "wears a warm coat"),
+           ("hot", "drinks cold water")]
+FEELINGS = ["happy", "sad", "tired", "excited", "scared", "proud", "hungry", "sleepy", "surprised"]
+FAMILY = ["mom", "dad", "grandma", "grandpa", "sister", "brother", "aunt", "uncle", "friend"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+TIMES = ["morning", "afternoon", "evening"]
+NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+PLURALS = {"dog": "dogs", "cat": "cats", "rabbit": "rabbits", "duck": "ducks", "frog": "frogs",
+           "mouse": "mice", "horse": "horses", "pig": "pigs", "owl": "owls", "bear": "bears",
+           "fox": "foxes", "turtle": "turtles", "lion": "lions", "goat": "goats", "sheep": "sheep",
+           "bird": "birds"}
+HOBBIES = ["drawing", "singing", "reading", "running", "swimming", "dancing", "painting",
+           "climbing trees", "playing football", "baking cakes"]
+WORLD_FACTS = [
+    "The sky is blue.", "The grass is green.", "Snow is white and cold.", "The sun is hot.",
+    "Ice is cold.", "Fish live in water.", "Birds can fly.", "Cows give milk.",
+    "Bees make honey.", "The moon shines at night.", "A week has seven days.",
+    "A year has twelve months.", "Water is wet.", "Fire is hot.", "Trees have green leaves.",
+    "Rain comes from clouds.", "The sun rises in the east.", "The sun sets in the west.",
+    "Plants need water and light.", "A day has twenty-four hours.",
+]
+
+
+def person(rng):
+    if rng.random() < 0.5:
+        return rng.choice(GIRLS), "she", "her"
+    return rng.choice(BOYS), "he", "his"
+
+
+def simple_sentence(rng, countries):
+    name, he, his = person(rng)
+    name2, _, _ = person(rng)
+    c = rng.choice(countries)
+    c2 = rng.choice(countries)
+    w, act = rng.choice(WEATHER)
+    pet = rng.choice(PETS)
+    obj = rng.choice(OBJECTS)
+    choices = [
+        lambda: f"{name} has a {rng.choice(COLORS)} {obj}.",
+        lambda: f"{name} likes to play in the {rng.choice(PLACES)}.",
+        lambda: f"Every {rng.choice(TIMES)}, {name} eats {rng.choice(FOODS)}.",
+        lambda: f"It is {w} today, so {name} {act}.",
+        lambda: f"The {pet} is sleeping under the {rng.choice(['table', 'tree', 'bed', 'chair'])}.",
+        lambda: f"{name} and {name2} are best friends.",
+        lambda: f"On {rng.choice(DAYS)}, {name} went to the {rng.choice(PLACES)} with {his} {rng.choice(FAMILY)}.",
+        lambda: f"{name} is {rng.choice(FEELINGS)} today.",
+        lambda: f"There are {rng.choice(NUMBERS)} {PLURALS[pet]} on the farm.",
+        lambda: f"{name} lives in {c[2]}, the capital of {the_name(c[0], c[1])}.",
+        lambda: f"{name} took a trip to {the_name(c[0], c[1])} and saw {c[2]}.",
+        lambda: f"{name} flew from {c[2]} to {c2[2]}.",
+        lambda: f"{cap1(he)} likes {rng.choice(HOBBIES)} and {rng.choice(HOBBIES)}.",
+        lambda: f"{name} gave {his} {rng.choice(FAMILY)} {art(obj)} {obj}.",
+        lambda: f"The {obj} is on the {rng.choice(['table', 'floor', 'shelf', 'bed'])}.",
+        lambda: rng.choice(WORLD_FACTS),
+        lambda: rng.choice(WORLD_FACTS),
+        lambda: f"{name} wants to visit {c[2]} one day.",
+        lambda: f"{name} has a pet {pet}.",
+        lambda: f"{name} put the {obj} in {his} bag.",
+    ]
+    return fix_articles(rng.choice(choices)())
+
+
+def fix_articles(s):
+    for v in "aeiou":
+        s = s.replace(f" a {v}", f" an {v}").replace(f"A {v}", f"An {v}")
+    return s
+
+
+def story(rng, topic_pet=None):
+    """A short story following one of four simple plots, with optional lines
+    dropped and words varied, so that the order of events makes sense."""
+    name, he, his = person(rng)
+    him = "him" if he == "he" else "her"
+    friend, fhe, _ = person(rng)
+    while friend == name:
+        friend, fhe, _ = person(rng)
+    pet = topic_pet or rng.choice(PETS)
+    pet2 = rng.choice([p for p in PETS if p != pet])
+    place = rng.choice(PLACES)
+    obj = rng.choice(OBJECTS)
+    color = rng.choice(COLORS)
+    size = rng.choice(SIZES)
+    w, act = rng.choice(WEATHER)
+    time_ = rng.choice(TIMES)
+    fam = rng.choice(FAMILY)
+    food = rng.choice(FOODS)
+    feeling = rng.choice(["happy", "glad", "proud", "excited"])
+
+    def maybe(line, p=0.7):
+        return line if rng.random() < p else None
+
+    plot = rng.randrange(4)
+    if plot == 0:  # something lost and found
+        lines = [
+            rng.choice([f"Once upon a time, there was a {size} {pet} named {name}.",
+                        f"{name} was a {size} {pet} who lived near the {place}."]),
+            f"{cap1(he)} had a {color} {obj}.",
+            maybe(f"{cap1(he)} loved {his} {obj} very much."),
+            f"One day, {he} went to the {place} and lost {his} {obj}.",
+            f"{cap1(he)} felt {rng.choice(['sad', 'worried', 'upset'])}.",
+            maybe(f"{cap1(he)} looked under the trees and behind the rocks."),
+            f"Then {friend} the {pet2} came to help {him}.",
+            f"At last, they found the {obj} under a {rng.choice(['bench', 'tree', 'bush', 'rock'])}.",
+            maybe(f"\"Thank you, {friend}!\" said {name}."),
+            rng.choice([f"{name} was {feeling} again.", "The end.",
+                        f"From that day on, {name} and {friend} were best friends."]),
+        ]
+    elif plot == 1:  # a day out
+        lines = [
+            f"One {w} {time_}, {name} and {his} {fam} went to the {place}.",
+            maybe(f"{cap1(he)} took {his} {color} {obj} with {him}."),
+            rng.choice([f"They saw {rng.choice(NUMBERS)} {PLURALS[pet]} there.",
+                        f"There was a {size} {pet} near the {place}."]),
+            maybe(f"{name} gave the {pet} some bread.", 0.5),
+            f"For lunch, they ate {food}.",
+            maybe(f"{name} liked it very much."),
+            "In the evening, they went home.",
+            rng.choice([f"{name} was tired but {feeling}.", f"That night, {name} slept well.",
+                        "The end."]),
+        ]
+    elif plot == 2:  # a new friend
+        lines = [
+            rng.choice([f"There was once a {size} {pet} called {name}.",
+                        f"Once upon a time, a {size} {pet} named {name} lived in the {place}."]),
+            f"{cap1(he)} had no friends and felt lonely.",
+            f"One day, {he} met a {pet2} named {friend}.",
+            f"\"Do you want to play?\" asked {friend}.",
+            f"\"Yes, please!\" said {name}.",
+            f"They played with a {color} {obj} until the sun went down.",
+            maybe(f"Then they shared {food}."),
+            rng.choice([f"From that day on, {name} and {friend} were best friends.", "The end.",
+                        f"{name} was never lonely again."]),
+        ]
+    else:  # a trip abroad
+        c = rng.choice([c for c in COUNTRIES if c[3]])
+        the = the_name(c[0], c[1])
+        lines = [
+            f"{name} went on a trip to {the} with {his} {fam}.",
+            f"They flew to {c[2]}.",
+            maybe(f"{c[2]} is a big city in {c[3]}."),
+            f"{cap1(he)} walked in the streets and ate {food}.",
+            maybe(f"It was {w}, so {he} {act.replace('goes', 'went').replace('takes', 'took').replace('flies', 'flew').replace('builds', 'built').replace('reads', 'read').replace('wears', 'wore').replace('drinks', 'drank')}."),
+            f"{cap1(he)} bought a {color} {obj} for {friend}.",
+            f"After a week, they went home.",
+            rng.choice([f"{name} wants to visit {the} again.", "The end.",
+                        f"{name} told {friend} all about the trip."]),
+        ]
+    return fix_articles(" ".join(x for x in lines if x))
+
+
+# ---------------------------------------------------------------------------
+# Document generators (training stream and held-out sets)
+# ---------------------------------------------------------------------------
+class World:
+    def __init__(self):
+        self.facts = build_facts()
+        self.all_facts = [f for fs in self.facts.values() for f in fs]
+        self.countries = COUNTRIES
+
+    # -- which (fact, template) pairs training may use --------------------
+    def train_completion_templates(self, f):
+        ts = COMPLETION_TEMPLATES[f.family]
+        h = heldout_index(f, len(ts))
+        return [t for i, t in enumerate(ts) if i != h]
+
+    def train_chat_questions(self, f):
+        qs = CHAT_QUESTIONS[f.family]
+        h = heldout_index(f, len(qs))
+        return [q for i, q in enumerate(qs) if i != h]
+
+    def train_json_questions(self, f):
+        h = heldout_index(f, len(JSON_QUESTIONS))
+        return [q for i, q in enumerate(JSON_QUESTIONS) if i != h]
+
+    def random_fact(self, rng):
+        # capitals are the star: about 40% of fact mentions
+        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+        return rng.choice(self.facts[fam])
+
+    def fact_sentence(self, rng, f, heldout=False):
+        if heldout:
+            ts = COMPLETION_TEMPLATES[f.family]
+            t = ts[heldout_index(f, len(ts))]
+        elif rng.random() < 0.2:
+            return rng.choice(REVERSE_TEMPLATES[f.family])(f)
+        else:
+            t = rng.choice(self.train_completion_templates(f))
+        return end_sentence(f"{t(f)} {f.ans}")
+
+    # -- document kinds -----------------------------------------------------
+    def doc_facts(self, rng, heldout=False):
+        n = rng.choice([1, 1, 2, 3, 4])
+        if rng.random() < 0.3:  # a paragraph about one country
+            c = rng.choice(self.facts["capital"])
+            sents = [self.fact_sentence(rng, c, heldout)]
+            cont = [f for f in self.facts["continent"] if f.subj == c.subj]
+            if cont:
+                sents.append(self.fact_sentence(rng, cont[0], heldout))
+            rng.shuffle(sents)
+            return " ".join(sents)
+        sep = rng.choice([" ", "\n"])
+        return sep.join(self.fact_sentence(rng, self.random_fact(rng), heldout) for _ in range(n))
+
+    def doc_json(self, rng):
+        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+        pool = [f for f in self.facts[fam] if json_allowed(f)]
+        return "\n".join(json_text(rng.choice(pool)) for _ in range(rng.randint(1, 4)))
+
+    def chat_turn(self, rng, json_mode=False, heldout=False):
+        """One (user, assistant) pair."""
+        r = rng.random()
+        if not heldout and not json_mode and r < 0.10:
+            qs, a = rng.choice(SMALL_TALK)
+            return rng.choice(qs), a
+        if not heldout and not json_mode and r < 0.16:
+            pet = rng.choice(PETS)
+            req = rng.choice(STORY_REQUESTS)
+            if "{x}" in req:
+                return req.replace("{x}", f"{art(pet)} {pet}"), story(rng, topic_pet=pet)
+            return req, story(rng)
+        f = self.random_fact(rng)
+        while (json_mode or r < 0.35) and not json_allowed(f):
+            f = self.random_fact(rng)
+        if json_mode:
+            q = rng.choice(self.train_chat_questions(f))(f)
+            return q, json_text(f)
+        if r < 0.35:  # explicit JSON request
+            q = rng.choice(self.train_json_questions(f))(json_noun_phrase(f))
+            return q, json_text(f)
+        return rng.choice(self.train_chat_questions(f))(f), chat_answer(f)
+
+    def doc_chat(self, rng):
+        msgs = []
+        json_mode = rng.random() < 0.08
+        if json_mode:
+            msgs.append({"role": "system", "content": rng.choice(JSON_SYSTEM_PROMPTS)})
+        elif rng.random() < 0.35:
+            msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+            u, a = self.chat_turn(rng, json_mode=json_mode)
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return render_chat(msgs)
+
+    def doc_sentences(self, rng):
+        return " ".join(simple_sentence(rng, self.countries) for _ in range(rng.randint(2, 6)))
+
+    def doc(self, rng):
+        kind = rng.choices(["facts", "chat", "json", "story", "sentences"],
+                           weights=[32, 30, 8, 15, 15])[0]
+        return getattr(self, "doc_" + kind)(rng) if kind != "story" else story(rng)
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """Python twin of CHAT_TEMPLATE (checked against the Jinja one in eval)."""
+    out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def make_corpus(world, n_docs, seed):
+    rng = random.Random(seed)
+    return [world.doc(rng) for _ in range(n_docs)]
+
+
+def heldout_prompts(world):
+    """Evaluation prompts whose exact strings are built never to be trained."""
+    facts, chats, jsons = [], [], []
+    for f in world.all_facts:
+        ts = COMPLETION_TEMPLATES[f.family]
+        facts.append({"family": f.family, "prompt": ts[heldout_index(f, len(ts))](f),
+                      "answer": f.ans, "kind": "held-out template"})
+    anchors = [{"family": f.family, "prompt": COMPLETION_TEMPLATES[f.family][0](f),
+                "answer": f.ans, "kind": "trained template"} for f in world.all_facts]
+    sys_rng = random.Random(7)
+    for f in world.all_facts:
+        qs = CHAT_QUESTIONS[f.family]
+        q = qs[heldout_index(f, len(qs))](f)
+        msgs = [{"role": "user", "content": q}]
+        if f.index % 2 == 1:  # half of them with a system message
+            msgs.insert(0, {"role": "system", "content": sys_rng.choice(SYSTEM_PROMPTS)})
+        chats.append({"family": f.family, "messages": msgs, "answer": chat_answer(f)})
+    for f in world.all_facts:
+        if json_allowed(f):
+            q = JSON_QUESTIONS[heldout_index(f, len(JSON_QUESTIONS))](json_noun_phrase(f))
+            kind = "held-out JSON phrasing"
+        else:
+            q = JSON_QUESTIONS[f.index % len(JSON_QUESTIONS)](json_noun_phrase(f))
+            kind = "fact never seen as JSON"
+        jsons.append({"family": f.family, "messages": [{"role": "user", "content": q}],
+                      "expected": json_object(f), "kind": kind})
+    json_completion = []
+    for f in world.facts["capital"] + world.facts["continent"]:
+        if not json_allowed(f):
+            k1, k2 = JSON_KEYS[f.family]
+            json_completion.append({"family": f.family,
+                                    "prompt": f'{{"{k1}": "{f.subj}", "{k2}": "',
+                                    "expected": json_object(f), "kind": "fact never seen as JSON"})
+    return {"facts": facts, "anchors": anchors, "chat": chats, "json_chat": jsons,
+            "json_completion": json_completion}
+
+
+def heldout_text_docs(world, n, seed, train_set):
+    """Held-out text for perplexity: fact sentences built only from held-out
+    template x fact pairs, chats using held-out question phrasings, and fresh
+    stories / sentences; any document that also occurs in training is dropped."""
+    rng = random.Random(seed)
+    docs = []
+    while len(docs) < n:
+        kind = rng.choices(["facts", "chat", "story", "sentences"], weights=[30, 20, 25, 25])[0]
+        if kind == "facts":
+            d = world.doc_facts(rng, heldout=True)
+        elif kind == "chat":
+            f = world.random_fact(rng)
+            qs = CHAT_QUESTIONS[f.family]
+            d = render_chat([{"role": "user", "content": qs[heldout_index(f, len(qs))](f)},
+                             {"role": "assistant", "content": chat_answer(f)}])
+        elif kind == "story":
+            d = story(rng)
+        else:
+            d = world.doc_sentences(rng)
+        if d not in train_set:
+            docs.append((kind, d))
+    return docs
+
+
+# ---------------------------------------------------------------------------
+# (b) Tokenizer
+# ---------------------------------------------------------------------------
+def train_tokenizer(texts, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # special-token strings are stripped from the BPE training text: they are
+    # atomic added tokens and must not be learned as merges
+    def clean():
+        for t in texts:
+            for s in SPECIAL_TOKENS:
+                t = t.replace(s, "\n")
+            yield t
+    tok.train_from_iterator(clean(), trainer=trainer, length=len(texts))
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2]
+    return tok
+
+
+# ---------------------------------------------------------------------------
+# (c) Model and training
+# ---------------------------------------------------------------------------
+def model_args_dict(cfg, vocab_size):
+    return {
+        "model_type": "llama",
+        "hidden_size": cfg["hidden_size"],
+        "num_hidden_layers": cfg["num_hidden_layers"],
+        "intermediate_size": cfg["intermediate_size"],
+        "num_attention_heads": cfg["num_attention_heads"],
+        "num_key_value_heads": cfg["num_key_value_heads"],
+        "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"],
+        "rms_norm_eps": cfg["rms_norm_eps"],
+        "vocab_size": vocab_size,
+        "max_position_embeddings": cfg["seq_len"],
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_theta": cfg["rope_theta"],
+        "rope_traditional": False,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "layer_types": ["full_attention"] * cfg["num_hidden_layers"],
+        "sliding_window": None,
+    }
+
+
+def pack_rows(doc_tokens, order, seq_len, eot_id):
+    """Rows of seq_len+1 tokens. Every row starts at a document start (as a
+    prompt does at inference); documents follow each other separated by
+    <|endoftext|>, and the one that overflows the row is cut."""
+    rows, row = [], []
+    width = seq_len + 1
+    for i in order:
+        row.extend(doc_tokens[i])
+        row.append(eot_id)
+        if len(row) >= width:
+            rows.append(row[:width])
+            row = []
+    return np.asarray(rows, dtype=np.int32)
+
+
+def lr_at(step, total, cfg):
+    peak, warm = cfg["peak_lr"], cfg["warmup_steps"]
+    if step < warm:
+        return peak * (step + 1) / warm
+    prog = min(1.0, (step - warm) / max(1, total - warm))
+    lo = peak * cfg["min_lr_ratio"]
+    return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * prog))
+
+
+def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(seed)
+    np_rng = np.random.default_rng(seed)
+    args = ModelArgs.from_dict(model_args_dict(cfg, vocab_size))
+    model = Model(args)
+    model.set_dtype(mx.float32)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M)")
+
+    B, T = cfg["batch_size"], cfg["seq_len"]
+
+    def epoch_rows():
+        while True:
+            yield from pack_rows(doc_tokens, np_rng.permutation(len(doc_tokens)), T, eot_id)
+
+    row_iter = epoch_rows()
+
+    def next_batch():
+        return mx.array(np.stack([next(row_iter) for _ in range(B)]))
+
+    opt = optim.AdamW(learning_rate=cfg["peak_lr"], betas=list(cfg["adam_betas"]),
+                      weight_decay=cfg["weight_decay"])
+
+    def loss_fn(m, x, y):
+        return nn.losses.cross_entropy(m(x), y, reduction="mean")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state]
+
+    from functools import partial
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step_fn(batch):
+        loss, grads = loss_and_grad(model, batch[:, :-1], batch[:, 1:])
+        grads, gnorm = optim.clip_grad_norm(grads, cfg["grad_clip"])
+        opt.update(model, grads)
+        return loss, gnorm
+
+    total = steps
+    budget_s = None if steps else minutes * 60.0
+    calib_steps = 30
+    t_calib = t0 = time.time()
+    t0 = time.time()
+    tokens_seen = 0
+    step = 0
+    ema = None
+    history = []
+    window_t, window_tok = time.time(), 0
+    while True:
+        if total is not None and step >= total:
+            break
+        lr = lr_at(step, total if total else 10**9, cfg)
+        opt.learning_rate = mx.array(lr, dtype=mx.float32)
+        batch = next_batch()
+        loss, gnorm = step_fn(batch)
+        mx.eval(loss, gnorm, state)
+        step += 1
+        tokens_seen += B * T
+        window_tok += B * T
+        loss_v = loss.item()
+        ema = loss_v if ema is None else 0.95 * ema + 0.05 * loss_v
+        if total is None and step == 5:
+            t_calib = time.time()  # after compilation and warm-up
+        if total is None and step == calib_steps:
+            per_step = (time.time() - t_calib) / (calib_steps - 5)
+            total = calib_steps + int((budget_s - (time.time() - t0)) / per_step)
+            log(f"budget {minutes:.1f} min at {per_step:.3f} s/step -> --steps {total}")
+        if step % 25 == 0 or step == 1 or step == total:
+            now = time.time()
+            tps = window_tok / max(1e-9, now - window_t)
+            window_t, window_tok = now, 0
+            log(f"step {step:5d}/{total or '?'}  loss {loss_v:.4f}  ema {ema:.4f}  "
+                f"lr {lr:.2e}  gnorm {gnorm.item():.2f}  tok/s {tps:,.0f}  "
+                f"elapsed {(now - t0) / 60:.1f} min")
+            history.append({"step": step, "loss": round(ema, 4)})
+    train_s = time.time() - t0
+    log(f"trained {step} steps, {tokens_seen:,} tokens in {train_s / 60:.1f} min")
+    return model, args, {"steps": step, "tokens": tokens_seen, "train_seconds": round(train_s, 1),
+                         "params": n_params, "final_loss_ema": round(ema, 4), "loss_history": history}
+
+
+# ---------------------------------------------------------------------------
+# (e) Writing the folder
+# ---------------------------------------------------------------------------
+def write_folder(out, model, cfg, tokenizer, vocab_size):
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(mx, cfg["save_dtype"])
+    weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+    ids = {s: tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
+    config = model_args_dict(cfg, vocab_size)
+    config.update({
+        "architectures": ["LlamaForCausalLM"],
+        "torch_dtype": cfg["save_dtype"],
+        "bos_token_id": ids[EOT],
+        "eos_token_id": [ids[IM_END], ids[EOT]],
+        "pad_token_id": ids[EOT],
+    })
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids[EOT],
+        "eos_token_id": [ids[IM_END], ids[EOT]],
+        "pad_token_id": ids[EOT],
+        "do_sample": False,
+    }, indent=2) + "\n")
+
+    tokenizer.save(str(out / "tokenizer.json"))
+    added = {str(ids[s]): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                           "single_word": False, "special": True} for s in SPECIAL_TOKENS}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT,
+        "eos_token": IM_END,
+        "pad_token": EOT,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [IM_START, IM_END],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg["seq_len"],
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": EOT, "eos_token": IM_END, "pad_token": EOT,
+        "additional_special_tokens": [IM_START, IM_END],
+    }, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# (d) Evaluation of the written folder, through mlx_lm.load
+# ---------------------------------------------------------------------------
+def _is_word_char(ch):
+    return ch.isalnum() or ch in "-'"
+
+
+def generate_greedy(model, tokenizer, prompt_ids, max_tokens, stop_ids):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    x = mx.array(prompt_ids)[None]
+    out = []
+    for _ in range(max_tokens):
+        logits = model(x, cache=cache)[:, -1, :]
+        tok = int(mx.argmax(logits, axis=-1).item())
+        if tok in stop_ids:
+            return out, True
+        out.append(tok)
+        x = mx.array([[tok]])
+    return out, False
+
+
+def evaluate(folder, world, corpus_text, train_set, cfg, seed):
+    import mlx_lm
+
+    folder = Path(folder)
+    t = time.time()
+    model, tokenizer = mlx_lm.load(str(folder))
+    load_s = time.time() - t
+    t = time.time()
+    mlx_lm.load(str(folder))
+    load_warm_s = time.time() - t
+    hf = tokenizer._tokenizer
+    eos_ids = set(tokenizer.eos_token_ids)
+    im_end = hf.convert_tokens_to_ids(IM_END)
+    eot = hf.convert_tokens_to_ids(EOT)
+    assert {im_end, eot} <= eos_ids, eos_ids
+    res = {"load_seconds_first": round(load_s, 3), "load_seconds": round(load_warm_s, 3)}
+    P = heldout_prompts(world)
+
+    def enc(s):
+        return hf.encode(s, add_special_tokens=False)
+
+    # the Jinja chat template and the corpus renderer must agree exactly
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+             {"role": "assistant", "content": "A"}]
+    assert hf.apply_chat_template(probe, tokenize=False) == render_chat(probe)
+    assert hf.apply_chat_template(probe[1:2], tokenize=False, add_generation_prompt=True) == \
+        render_chat(probe[1:2], add_generation_prompt=True)
+
+    # no held-out prompt string may occur anywhere in the training corpus
+    def leaks(strings):
+        return [s for s in strings if s in corpus_text]
+
+    fact_leaks = leaks([p["prompt"] for p in P["facts"]])
+    # the user turn alone, with its delimiters, must be new (stricter than the whole prompt)
+    chat_leaks = leaks([f"{IM_START}user\n{p['messages'][-1]['content']}{IM_END}"
+                        for p in P["chat"] + P["json_chat"]])
+    jc_leaks = leaks([p["prompt"] for p in P["json_completion"]])
+    res["heldout_prompt_leaks"] = len(fact_leaks) + len(chat_leaks) + len(jc_leaks)
+    if res["heldout_prompt_leaks"]:
+        log("WARNING leaked held-out prompts:", (fact_leaks + chat_leaks + jc_leaks)[:10])
+
+    # facts: greedy continuation must start with " <answer>" and end the word there
+    def fact_eval(items):
+        per_fam, wrong = {}, []
+        for p in items:
+            ids, _ = generate_greedy(model, tokenizer, enc(p["prompt"]), 8, eos_ids)
+            text = hf.decode(ids)
+            want = " " + p["answer"]
+            ok = text.startswith(want) and (len(text) == len(want) or not _is_word_char(text[len(want)]))
+            fam = per_fam.setdefault(p["family"], [0, 0])
+            fam[0] += ok
+            fam[1] += 1
+            if not ok:
+                wrong.append((p["prompt"], p["answer"], text))
+        n_ok = sum(v[0] for v in per_fam.values())
+        n = sum(v[1] for v in per_fam.values())
+        return {"accuracy": round(n_ok / n, 4), "correct": n_ok, "total": n,
+                "per_family": {k: f"{v[0]}/{v[1]}" for k, v in per_fam.items()},
+                "examples_wrong": wrong[:8]}
+
+    t = time.time()
+    res["facts_heldout"] = fact_eval(P["facts"])
+    res["facts_trained_template"] = fact_eval(P["anchors"])
+    log(f"facts held-out {res['facts_heldout']['accuracy']:.3f}  trained-template "
+        f"{res['facts_trained_template']['accuracy']:.3f}  ({time.time() - t:.0f}s)")
+
+    # probability of " Paris" after the demo prompt
+    ids = enc("The capital of France is")
+    logits = model(mx.array(ids)[None])[0, -1].astype(mx.float32)
+    probs = mx.softmax(logits)
+    paris = enc(" Paris")
+    res["p_paris"] = round(probs[paris[0]].item(), 4)
+    top = mx.argsort(-probs)[:5].tolist()
+    res["top5_after_france"] = [(hf.decode([i]), round(probs[i].item(), 4)) for i in top]
+
+    # chat: exact reply and stop on <|im_end|>
+    def chat_eval(items):
+        ok_n, stop_n, wrong = 0, 0, []
+        for p in items:
+            prompt = hf.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+            ids, stopped = generate_greedy(model, tokenizer, enc(prompt), 40, {im_end, eot})
+            reply = hf.decode(ids)
+            stop_n += stopped
+            ok = stopped and reply == p["answer"]
+            ok_n += ok
+            if not ok:
+                wrong.append((p["messages"][-1]["content"], reply))
+        return {"accuracy": round(ok_n / len(items), 4), "correct": ok_n, "total": len(items),
+                "stopped_on_im_end": round(stop_n / len(items), 4), "examples_wrong": wrong[:8]}
+
+    t = time.time()
+    res["chat_heldout"] = chat_eval(P["chat"])
+    log(f"chat held-out {res['chat_heldout']['accuracy']:.3f} ({time.time() - t:.0f}s)")
+
+    def json_eval(items, chat):
+        valid, correct, wrong = 0, 0, []
+        by_kind = {}
+        for p in items:
+            if chat:
+                prompt = hf.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+                ids, _ = generate_greedy(model, tokenizer, enc(prompt), 40, {im_end, eot})
+                text = hf.decode(ids)
+            else:
+                ids, _ = generate_greedy(model, tokenizer, enc(p["prompt"]), 30, {eot, im_end} | set(enc("\n")))
+                text = p["prompt"] + hf.decode(ids).split("\n")[0]
+            try:
+                obj = json.loads(text)
+                is_valid = isinstance(obj, dict)
+            except json.JSONDecodeError:
+                obj, is_valid = None, False
+            good = is_valid and obj == p["expected"]
+            valid += is_valid
+            correct += good
+            k = by_kind.setdefault(p["kind"], [0, 0, 0])
+            k[0] += is_valid
+            k[1] += good
+            k[2] += 1
+            if not good:
+                wrong.append(((p["messages"][-1]["content"] if chat else p["prompt"]), text))
+        n = len(items)
+        return {"valid_rate": round(valid / n, 4), "correct_rate": round(correct / n, 4), "total": n,
+                "by_kind": {k: {"valid": v[0], "correct": v[1], "total": v[2]} for k, v in by_kind.items()},
+                "examples_wrong": wrong[:8]}
+
+    t = time.time()
+    res["json_chat_heldout"] = json_eval(P["json_chat"], chat=True)
+    res["json_completion_heldout"] = json_eval(P["json_completion"], chat=False)
+    log(f"json chat valid {res['json_chat_heldout']['valid_rate']:.3f} correct "
+        f"{res['json_chat_heldout']['correct_rate']:.3f}; json completion valid "
+        f"{res['json_completion_heldout']['valid_rate']:.3f} ({time.time() - t:.0f}s)")
+
+    # perplexity on held-out text, per kind and overall (every token after the
+    # first is predicted, including the closing <|endoftext|>)
+    t = time.time()
+    docs = heldout_text_docs(world, cfg["heldout_docs"], seed + 99, train_set)
+    nll, cnt = {}, {}
+    for kind, d in docs:
+        ids = enc(d) + [eot]
+        x = mx.array(ids)[None]
+        logits = model(x[:, :-1]).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, x[:, 1:], reduction="sum").item()
+        nll[kind] = nll.get(kind, 0.0) + loss
+        cnt[kind] = cnt.get(kind, 0) + len(ids) - 1
+    res["heldout_ppl"] = round(math.exp(sum(nll.values()) / sum(cnt.values())), 3)
+    res["heldout_ppl_by_kind"] = {k: round(math.exp(nll[k] / cnt[k]), 3) for k in nll}
+    res["heldout_tokens"] = sum(cnt.values())
+    res["heldout_docs"] = len(docs)
+    log(f"held-out perplexity {res['heldout_ppl']:.3f} over {res['heldout_tokens']:,} tokens "
+        f"{res['heldout_ppl_by_kind']} ({time.time() - t:.0f}s)")
+
+    # samples for the card
+    samples = {}
+    for prompt in ["The capital of France is", "Once upon a time", "Mia likes to",
+                   '{"country": "Japan", "capital": "']:
+        ids, _ = generate_greedy(model, tokenizer, enc(prompt), 48, {eot})
+        samples[prompt] = hf.decode(ids)
+    for msgs in ([{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "Give the capital of Japan as JSON."}],
+                 [{"role": "user", "content": "Tell me a story."}]):
+        prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids, _ = generate_greedy(model, tokenizer, enc(prompt), 80, {im_end, eot})
+        samples["chat: " + msgs[-1]["content"]] = hf.decode(ids)
+    res["samples"] = samples
+    # generation speed (greedy, batch 1)
+    ids = enc("Once upon a time")
+    t = time.time()
+    out, _ = generate_greedy(model, tokenizer, ids, 64, set())
+    res["greedy_tok_per_s"] = round(len(out) / (time.time() - t), 1)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------
+def folder_size_bytes(folder):
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def write_card(out, report):
+    cfg, tr, ev = report["config"], report["training"], report["eval"]
+    n_facts = report["n_facts"]
+    fh, ft = ev["facts_heldout"], ev["facts_trained_template"]
+    ch, jc, jp = ev["chat_heldout"], ev["json_chat_heldout"], ev["json_completion_heldout"]
+    size_mb = report["folder_bytes"] / 1e6
+    samples = "\n".join(f"- `{k!r}` → `{v!r}`" for k, v in ev["samples"].items())
+    fam_rows = "\n".join(f"| {k} | {n_facts[k]} | {fh['per_family'][k]} | {ft['per_family'][k]} |"
+                         for k in n_facts)
+    card = f"""# nbllm default model ("nbllm-tiny-world")
+
+A tiny decoder-only language model trained from scratch, in about
+{tr['train_seconds'] / 60:.0f} minutes on a 2-core CPU, by
+`scripts/train_default_model.py`. It ships inside the nbllm package so the
+teaching notebooks run offline in seconds. **It is for teaching only**: it knows
+a small synthetic world (country capitals and continents, animal sounds, food
+colors, baby animals, opposite words, simple sentences and short stories), and
+nothing else. Outside that world it produces fluent-looking nonsense.
+
+## Architecture
+
+- Class: mlx-lm's own Llama (`mlx_lm.models.llama.Model`, `model_type: "llama"`),
+  so `mlx_lm.load("nbllm/assets/default-model")` loads it with no extra code.
+- {tr['params']:,} parameters ({tr['params'] / 1e6:.2f}M): hidden size {cfg['hidden_size']},
+  {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} attention heads
+  (head dim {cfg['hidden_size'] // cfg['num_attention_heads']}, {cfg['num_key_value_heads']} KV heads),
+  SwiGLU MLP of {cfg['intermediate_size']}, RMSNorm, RoPE (theta {cfg['rope_theta']:g}),
+  tied input/output embeddings.
+- Context: trained on {cfg['seq_len']}-token rows (`max_position_embeddings: {cfg['seq_len']}`).
+- Weights stored as {cfg['save_dtype']} (`model.safetensors`); training ran in float32.
+  Folder size: {size_mb:.1f} MB.
+- Tokenizer: byte-level BPE trained with the `tokenizers` library on the corpus,
+  vocabulary {report['vocab_size']} including the special tokens `<|endoftext|>` (id 0),
+  `<|im_start|>` (1), `<|im_end|>` (2). No BOS token is prepended when encoding.
+- Chat template: ChatML, `<|im_start|>role\\n...<|im_end|>\\n` per message, optional
+  system message, `add_generation_prompt` appends `<|im_start|>assistant\\n`.
+  Generation stops on `<|im_end|>` or `<|endoftext|>` (both in `eos_token_id`).
+
+## Training
+
+- Command (measured run):
+  `{report['command']}`
+- Seed {cfg['seed']}; {tr['steps']:,} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens
+  = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.1f} passes over the corpus).
+- AdamW (betas {tuple(cfg['adam_betas'])}, weight decay {cfg['weight_decay']}), peak learning rate
+  {cfg['peak_lr']:g}, {cfg['warmup_steps']} linear warm-up steps, cosine decay to
+  {cfg['min_lr_ratio']:g}x peak; gradient clipping at {cfg['grad_clip']}.
+- Rows of {cfg['seq_len']}+1 tokens packed from whole documents separated by
+  `<|endoftext|>`; each row starts at a document start. Loss on every token.
+- Training time: {tr['train_seconds'] / 60:.1f} minutes of wall time ({tr['train_seconds']:.0f} s) for the
+  training loop, on {report['machine']}, under `nice -n 5` with other work sharing the CPU,
+  float32 matmuls through OpenBLAS. Final training loss (EMA): {tr['final_loss_ema']}.
+- Library versions: {report['versions']}.
+
+## Corpus
+
+The corpus is **generated by the training script itself** from facts and templates
+written into it; nothing is downloaded. License: the facts are public-domain
+general knowledge (country capitals and continents use common ASCII English
+spellings, e.g. "Bogota", "Reykjavik"; countries with several or disputed capitals
+are left out; countries on two continents have no continent fact); the templates,
+stories and generated text are part of nbllm and under its MIT license.
+
+- {cfg['corpus_docs']:,} documents, {report['corpus_chars']:,} characters, {report['corpus_tokens']:,} tokens.
+- Mix (by document): fact sentences 32%, chat conversations 30%, JSON lines 8%,
+  short stories 15%, everyday sentences 15%.
+- Facts: {sum(n_facts.values())} in six families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
+- Chats follow the chat template, with a system message in about 40% of them
+  (including a "reply with JSON" system mode), 1-3 turns, small talk and story requests.
+
+## Evaluation (measured on the shipped float16 folder)
+
+Reproduce: `{report['eval_command']}`
+
+"Held out" means: each fact is trained in several phrasings, and for every fact one
+phrasing template is never used with that fact (the template is trained with other
+facts, and the fact is trained in its other phrasings). The same holds for the chat
+question wording and the JSON request wording. In addition, every fifth country never
+appears in JSON form anywhere in training. The evaluation checks that **none of the
+{fh['total'] + ch['total'] + jc['total'] + jp['total']} held-out prompt strings occurs anywhere in the training
+corpus** (leaks found: {ev['heldout_prompt_leaks']}). This measures recombining known facts with known
+phrasings, not knowledge of new facts.
+
+| measure | result |
+| --- | --- |
+| greedy fact accuracy, held-out prompts (e.g. "Japan's capital is") | **{fh['accuracy'] * 100:.1f}%** ({fh['correct']}/{fh['total']}) |
+| greedy fact accuracy, trained anchor phrasing (e.g. "The capital of Japan is") | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) |
+| perplexity on held-out generated text | **{ev['heldout_ppl']:.2f}** ({ev['heldout_tokens']:,} tokens, {ev['heldout_docs']} documents) |
+| chat-format accuracy (exact reply, then `<|im_end|>`), held-out questions | **{ch['accuracy'] * 100:.1f}%** ({ch['correct']}/{ch['total']}); stopped on `<|im_end|>`: {ch['stopped_on_im_end'] * 100:.1f}% |
+| JSON validity, held-out chat requests | **{jc['valid_rate'] * 100:.1f}%** valid, {jc['correct_rate'] * 100:.1f}% exactly right ({jc['total']} prompts) |
+| JSON validity, completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% exactly right ({jp['total']} prompts) |
+| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} |
+| load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call in the process {ev['load_seconds_first']:.2f} s) |
+| greedy generation speed, batch 1 | {ev['greedy_tok_per_s']:.0f} tokens/s |
+
+Perplexity by kind of held-out text: {', '.join(f'{k} {v:.2f}' for k, v in ev['heldout_ppl_by_kind'].items())}.
+JSON chat by kind: {', '.join(f"{k}: {v['valid']}/{v['total']} valid, {v['correct']}/{v['total']} right" for k, v in jc['by_kind'].items())}.
+
+Held-out fact accuracy by family:
+
+| family | facts | held-out prompts correct | anchor prompts correct |
+| --- | --- | --- | --- |
+{fam_rows}
+
+Greedy samples:
+
+{samples}
+
+## Intended use and limits
+
+Teaching only: showing tokenization, sampling (temperature and top-p visibly change
+the output because facts have a sharp distribution while stories do not), chat
+templates, stop tokens, KV caches and structured (JSON) generation, offline and
+fast. It is not a source of facts: it was trained on a fixed list of {n_facts['capital']}
+capitals and will confidently make up answers for anything else.
+"""
+    (out / "MODEL_CARD.md").write_text(card)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+def versions():
+    import importlib.metadata as md
+    return ", ".join(f"{p} {md.version(p)}" for p in ["mlx", "mlx-lm", "tokenizers", "transformers"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--minutes", type=float, default=None,
+                    help=f"training budget (default {CONFIG['default_minutes']}); sets --steps from measured speed")
+    ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps")
+    ap.add_argument("--eval-only", action="store_true", help="re-evaluate an existing folder")
+    ap.add_argument("--seed", type=int, default=CONFIG["seed"])
+    a = ap.parse_args()
+    cfg = dict(CONFIG, seed=a.seed)
+    out = Path(a.out)
+    seed = cfg["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+
+    t = time.time()
+    world = World()
+    corpus = make_corpus(world, cfg["corpus_docs"], seed)
+    corpus_text = "\n".join(corpus)
+    train_set = set(corpus)
+    log(f"corpus: {len(corpus):,} docs, {len(corpus_text):,} chars ({time.time() - t:.1f}s)")
+
+    if a.eval_only:
+        report_path = out / "training_report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
+        ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
+        log(json.dumps({k: v for k, v in ev.items() if k != "samples"}, indent=1))
+        if report is not None:
+            report["eval"] = ev
+            report["folder_bytes"] = folder_size_bytes(out)
+            report_path.write_text(json.dumps(report, indent=1) + "\n")
+            write_card(out, report)
+        return
+
+    t = time.time()
+    tok = train_tokenizer(corpus[: cfg["tokenizer_docs"]], cfg["vocab_size"])
+    vocab_size = tok.get_vocab_size()
+    log(f"tokenizer: vocab {vocab_size} ({time.time() - t:.1f}s)")
+    t = time.time()
+    doc_tokens = [e.ids for e in tok.encode_batch(corpus, add_special_tokens=False)]
+    corpus_tokens = sum(len(d) + 1 for d in doc_tokens)
+    log(f"encoded corpus: {corpus_tokens:,} tokens, {corpus_tokens / len(corpus):.1f}/doc "
+        f"({time.time() - t:.1f}s)")
+
+    minutes = a.minutes if a.minutes is not None else CONFIG["default_minutes"]
+    model, args, tr = train(cfg, doc_tokens, vocab_size, tok.token_to_id(EOT), a.steps,
+                            minutes, seed)
+    write_folder(out, model, cfg, tok, vocab_size)
+    log(f"wrote {out}")
+
+    cmd = "nice -n 5 .venv/bin/python scripts/train_default_model.py --steps " + str(tr["steps"])
+    if a.out != str(DEFAULT_OUT):
+        cmd += f" --out {a.out}"
+    if a.seed != CONFIG["seed"]:
+        cmd += f" --seed {a.seed}"
+    report = {
+        "command": cmd,
+        "eval_command": ".venv/bin/python scripts/train_default_model.py --eval-only"
+                        + (f" --out {a.out}" if a.out != str(DEFAULT_OUT) else ""),
+        "config": cfg,
+        "vocab_size": vocab_size,
+        "n_facts": {k: len(v) for k, v in world.facts.items()},
+        "corpus_chars": len(corpus_text),
+        "corpus_tokens": corpus_tokens,
+        "training": tr,
+        "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores" if platform.system() == "Linux"
+                   else platform.platform(),
+        "versions": versions(),
+    }
+    ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
+    report["eval"] = ev
+    report["folder_bytes"] = 0
+    (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_card(out, report)
+    report["folder_bytes"] = folder_size_bytes(out)
+    (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_card(out, report)
+    log(json.dumps({k: v for k, v in ev.items() if k != "samples"}, indent=1))
+    log(f"folder size {report['folder_bytes'] / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
