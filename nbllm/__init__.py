@@ -15,6 +15,21 @@ from .tokens import Alternative, Completion, Stats, Token  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext nbllm``: register the ``%llm`` / ``%%llm`` magics (see ``nbllm.magics``)."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext nbllm``: remove the magics."""
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)
+
+
 __all__ = [
     "LM",
     "ModelInfo",
@@ -29,4 +44,6 @@ __all__ = [
     "Completion",
     "Stats",
     "__version__",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]

@@ -1,0 +1,387 @@
+"""``%%llm`` and ``%llm``: run a local model from a notebook cell.
+
+Load with ``%load_ext nbllm``. The magics parse flags and route them to the
+core (``nbllm.stream``, ``nbllm.Stepper``, ``nbllm.chat.Chat``) and the views
+(``nbllm.widgets``); user mistakes become one-line ``UsageError`` messages.
+Defaults are traitlets, so ``%config LLMMagics.temperature = 0.7`` works.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Bool, Enum, Float, Int, Unicode
+
+__all__ = ["LLMMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+# Core errors that are the user's to fix: shown as one line, no traceback.
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError, RuntimeError, KeyError, IndexError)
+
+
+@magics_class
+class LLMMagics(Magics):
+    """``%%llm`` (prompt in the cell) and ``%llm`` (load / use / info / chat / reset)."""
+
+    model = Unicode("", help="Model loaded on first use when none is selected ('' = nbllm's embedded default).").tag(config=True)
+    temperature = Float(0.0, help="Default temperature (0 = greedy).").tag(config=True)
+    top_k = Int(0, help="Default top-k (0 = off).").tag(config=True)
+    top_p = Float(1.0, help="Default top-p (1 = off).").tag(config=True)
+    min_p = Float(0.0, help="Default min-p (0 = off).").tag(config=True)
+    max_tokens = Int(256, help="Default most tokens per cell.").tag(config=True)
+    seed = Int(None, allow_none=True, help="Default random seed (None = not fixed).").tag(config=True)
+    system = Unicode(None, allow_none=True, help="Default system prompt.").tag(config=True)
+    top_logprobs = Int(8, help="Alternatives kept per token with --probs / --step.").tag(config=True)
+    view = Enum(["auto", "widget", "text"], "auto", help="Output: live widget, plain text, or auto (widget in a kernel).").tag(config=True)
+    max_rate = Float(30.0, help="Most live redraws per second.").tag(config=True)
+    stats = Bool(True, help="Show the stats line under each output.").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self.models: dict[str, Any] = {}
+        self.current: str | None = None
+        self.chat: Any = None
+        self.last: Any = None
+
+    # -- %llm ---------------------------------------------------------------
+    @magic_arguments("llm")
+    @argument("action", nargs="?", default="info", help="info | load | use | list | unload | chat | reset | help")
+    @argument("target", nargs="?", help="model path or hub id (load), or a loaded model's name (use, unload)")
+    @argument("--as", dest="alias", help="name to register a loaded model under")
+    @argument("-h", "--help", action="store_true", help="show this help and the %%llm flags")
+    @line_magic
+    def llm(self, line: str) -> Any:
+        """Manage models and the notebook's conversation.
+
+        ``%llm load PATH_OR_ID`` load and select a model · ``%llm use NAME``
+        select a loaded one · ``%llm`` / ``%llm info`` show the model ·
+        ``%llm list`` · ``%llm unload NAME`` · ``%llm chat`` open the chat
+        widget on the notebook's conversation · ``%llm reset`` forget it.
+        """
+        args = _parse(self.llm, line)
+        action = args.action
+        if action == "help" or args.help:
+            print(self.llm.parser.format_help() + "\n" + self._help())
+        elif action == "load":
+            if not args.target:
+                raise UsageError("%llm load: expected a model path or hub id, got nothing")
+            lm = self._load(args.target, args.alias)
+            self.current = args.alias or lm.name
+            return lm
+        elif action == "use":
+            self._loaded(args.target)
+            self.current = args.target
+        elif action == "info":
+            if self.current is None:
+                print("no model selected: %%llm loads " + (self.model or "the embedded default model") + " on first use")
+                return None
+            return self.models[self.current]
+        elif action == "list":
+            for name, lm in self.models.items():
+                print(("* " if name == self.current else "  ") + f"{name}: {lm!r}")
+        elif action == "unload":
+            self._loaded(args.target)
+            del self.models[args.target]
+            self.current = None if self.current == args.target else self.current
+        elif action == "reset":
+            if self.chat is not None:
+                self.chat.reset()
+            print("conversation reset")
+        elif action == "chat":
+            from .widgets import ChatWidget
+
+            return _user_errors(lambda: ChatWidget(self._conversation(self._lm(None), None), max_rate=self.max_rate))
+        else:
+            raise UsageError(f"%llm: expected one of info, load, use, list, unload, chat, reset, help; got {action!r}")
+        return None
+
+    # -- %%llm ---------------------------------------------------------------
+    @magic_arguments("%llm")
+    @argument("-m", "--model", help="model path, hub id or loaded name (this cell only)")
+    @argument("-t", "--temperature", type=float, help="temperature (0 = greedy)")
+    @argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    @argument("--top-p", type=float, help="nucleus sampling mass (1 = off)")
+    @argument("--min-p", type=float, help="drop tokens below min-p x the top probability (0 = off)")
+    @argument("-n", "--max-tokens", type=int, help="most tokens to generate")
+    @argument("--seed", type=int, help="random seed")
+    @argument("-s", "--system", help="system prompt")
+    @argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    @argument("--raw", action="store_true", help="plain completion, no chat template")
+    @argument("--schema", metavar="VAR", help="structured output: a Pydantic class or JSON Schema held in VAR")
+    @argument("--json", action="store_true", help="structured output: any JSON object")
+    @argument("--regex", metavar="PATTERN", help="structured output: text matching PATTERN")
+    @argument("--choices", metavar="A,B,..", help="structured output: exactly one of these comma-separated strings")
+    @argument("--image", action="append", metavar="PATH", help="image for a vision model (repeatable)")
+    @argument("--chat", action="store_true", help="continue the notebook's conversation")
+    @argument("--probs", action="store_true", help="colour tokens by probability; hover/click for alternatives")
+    @argument("--step", action="store_true", help="open the stepper instead of running")
+    @argument("-o", "--output", metavar="VAR", help="store the Completion (the Stepper with --step) in VAR")
+    @argument("-h", "--help", action="store_true", help="show this help")
+    @cell_magic("llm")
+    def llm_cell(self, line: str, cell: str) -> None:
+        """Run the cell body as a prompt and stream the reply into the output.
+
+        The prompt goes through the model's chat template unless ``--raw``.
+        Defaults come from ``%config LLMMagics``; ``%llm load PATH`` selects the
+        model. IPython expands ``$var`` and ``{expr}`` in this line: write
+        ``{{`` ``}}`` for literal braces (``--regex '[0-9]{{3}}'``). ``%llm --help``
+        prints this too (IPython runs a cell magic only when the cell has a body).
+        """
+        args = _parse(self.llm_cell, line)
+        if args.help:
+            print(self._help())
+            return
+        prompt = cell.strip()
+        if not prompt:
+            raise UsageError("%%llm: expected a prompt in the cell body, got an empty cell")
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o: expected a Python variable name, got {args.output!r}")
+        lm = self._lm(args.model)
+        options = self._options(args)
+        if args.step:
+            self._step(lm, prompt, args, options)
+        elif args.chat:
+            self._run_chat(lm, prompt, args, options)
+        else:
+            self._run(lm, prompt, args, options)
+
+    # -- routes ---------------------------------------------------------------
+    def _run(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
+        from .generate import stream
+
+        view = self._view(args.probs)
+        extra = {"progress": view.progress} if view is not None else {}
+        ts = _user_errors(lambda: stream(
+            lm, prompt, max_tokens=self._pick(args.max_tokens, self.max_tokens),
+            top_logprobs=self.top_logprobs if args.probs else 0, stop=args.stop,
+            system=self._pick(args.system, self.system), raw=args.raw, images=args.image, **extra, **options,
+        ))
+        self._show(ts, view, args)
+
+    def _run_chat(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
+        chat = _user_errors(lambda: self._conversation(lm, self._pick(args.system, self.system)))
+        if args.raw:
+            raise UsageError("--chat: expected a chat prompt, got --raw (a conversation always uses the chat template)")
+        send: dict[str, Any] = {"max_tokens": self._pick(args.max_tokens, self.max_tokens)}
+        if args.probs:
+            send["top_logprobs"] = self.top_logprobs
+        if args.stop:
+            send["stop"] = args.stop
+        if args.image:
+            send["images"] = args.image
+        ts = _user_errors(lambda: chat.send(prompt, **send, **options))
+        self._show(ts, self._view(args.probs), args)
+
+    def _step(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
+        from .stepper import Stepper
+        from .widgets import StepperWidget
+
+        stepper = _user_errors(lambda: Stepper(
+            lm, prompt, top_logprobs=max(self.top_logprobs, 1), system=self._pick(args.system, self.system),
+            raw=args.raw, images=args.image, **options,
+        ))
+        if args.output:
+            self.shell.user_ns[args.output] = stepper
+        self._display(StepperWidget(stepper))
+
+    def _show(self, ts: Any, view: Any, args: Any) -> None:
+        from .tokens import Completion
+
+        tokens: list[Any] = view.tokens if view is not None else []
+        handle = self._display(view, display_id=True) if view is not None else None
+        error = None
+        try:
+            completion = view.consume(ts) if view is not None else self._print(ts, tokens, args.probs)
+        except KeyboardInterrupt:
+            completion = _partial(tokens, ts)
+        except _USER_ERRORS as err:  # e.g. structured output cut short by max_tokens
+            completion, error = Completion.from_tokens(tokens, ts.stats), err
+        finally:
+            if handle is not None:
+                handle.update(view)  # refresh the HTML fallback kept in the saved notebook
+        self.last = completion
+        if args.output:
+            self.shell.user_ns[args.output] = completion
+        if error is not None:
+            _user_errors(lambda: _raise(error))
+
+    def _print(self, ts: Any, tokens: list[Any], probs: bool) -> Any:
+        from . import render
+        from .tokens import Completion
+
+        for token in ts:
+            tokens.append(token)
+            sys.stdout.write(token.text)
+        sys.stdout.write("\n")
+        completion = Completion.from_tokens(tokens, ts.stats)
+        if self.stats:
+            sys.stdout.write(f"[{render.stats_line(ts.stats, completion.finish_reason)}]\n")
+        sys.stdout.flush()
+        if probs:
+            from IPython.display import display
+
+            display(_TokenTable(tokens))
+        if getattr(ts, "constraint", None) is not None:
+            completion.value = ts.constraint.finish(completion)
+        return completion
+
+    # -- helpers ---------------------------------------------------------------
+    def _options(self, args: Any) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "temperature": self._pick(args.temperature, self.temperature),
+            "top_k": self._pick(args.top_k, self.top_k),
+            "top_p": self._pick(args.top_p, self.top_p),
+            "min_p": self._pick(args.min_p, self.min_p),
+            "seed": self._pick(args.seed, self.seed),
+        }
+        given = [f for f in ("schema", "json", "regex", "choices") if getattr(args, f)]
+        if len(given) > 1:
+            raise UsageError(f"expected at most one of --schema/--json/--regex/--choices, got {', '.join('--' + g for g in given)}")
+        if args.schema:
+            if args.schema not in self.shell.user_ns:
+                raise UsageError(f"--schema: expected the name of a variable holding a Pydantic class or JSON Schema, no variable {args.schema!r}")
+            options["schema"] = self.shell.user_ns[args.schema]
+        elif args.json:
+            options["json"] = True
+        elif args.regex:
+            options["regex"] = args.regex
+        elif args.choices:
+            options["choices"] = [c.strip() for c in args.choices.split(",") if c.strip()]
+        return options
+
+    @staticmethod
+    def _pick(flag: Any, default: Any) -> Any:
+        return default if flag is None else flag
+
+    def _lm(self, name: str | None) -> Any:
+        if name:
+            return self.models[name] if name in self.models else self._load(name, None)
+        if self.current is None:
+            lm = self._load(self.model or None, None)
+            self.current = lm.name
+        return self.models[self.current]
+
+    def _load(self, target: str | None, alias: str | None) -> Any:
+        from .model import load
+
+        label = target or "the embedded default model"
+        status = self._status(f"loading {label}…")
+        lm = _user_errors(lambda: load(target))
+        self._status(f"loaded {lm.name} in {lm.info.load_seconds:.1f} s", status)
+        self.models[alias or lm.name] = lm
+        return lm
+
+    def _loaded(self, name: str | None) -> Any:
+        if name not in self.models:
+            self._missing(name)
+        return self.models[name]
+
+    def _missing(self, name: str | None) -> Any:
+        loaded = ", ".join(self.models) or "none"
+        raise UsageError(f"expected the name of a loaded model ({loaded}), got {name!r}; use %llm load PATH")
+
+    def _conversation(self, lm: Any, system: str | None) -> Any:
+        from .chat import Chat
+
+        if self.chat is not None and self.chat.lm is not lm:
+            raise UsageError(f"--chat: the conversation uses {self.chat.lm.name}; run %llm reset to start one with {lm.name}")
+        if self.chat is None:
+            self.chat = Chat(lm, system=system)
+        return self.chat
+
+    def _widgets(self) -> bool:
+        if self.view != "auto":
+            return self.view == "widget"
+        return getattr(self.shell, "kernel", None) is not None
+
+    def _view(self, probs: bool) -> Any:
+        if not self._widgets():
+            return None
+        from .widgets import StreamView
+
+        return StreamView(colored=probs, max_rate=self.max_rate)
+
+    def _display(self, obj: Any, display_id: bool = False) -> Any:
+        from IPython.display import display
+
+        return display(obj, display_id=display_id)
+
+    def _status(self, text: str, handle: Any = None) -> Any:
+        if not self._widgets():
+            print(text)
+            return None
+        from IPython.display import HTML, display
+
+        message = HTML(f"<span class='nbllm-foot' style='color:#888'>{text}</span>")
+        if handle is None:
+            return display(message, display_id=True)
+        handle.update(message)
+        return handle
+
+    def _help(self) -> str:
+        return str(self.llm_cell.parser.format_help())
+
+
+class _TokenTable:
+    """Tokens with probabilities: HTML where a frontend renders it, text elsewhere."""
+
+    def __init__(self, tokens: list[Any]):
+        self.tokens = tokens
+
+    def _repr_html_(self) -> str:
+        from . import render
+
+        return render.tokens_html(self.tokens, colored=True, tooltips="title")
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{t.index:4d} {t.prob:7.2%} {t.piece!r}" + (" forced" if t.forced else "") for t in self.tokens)
+
+
+def _partial(tokens: list[Any], ts: Any) -> Any:
+    from .tokens import Completion
+
+    close = getattr(ts, "close", None)
+    if close is not None:
+        close()
+    print(f"\ninterrupted after {len(tokens)} tokens", file=sys.stderr)
+    return Completion.from_tokens(tokens, ts.stats)
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """Parse flags with shell quoting (quotes removed, unlike IPython's own splitter)."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as err:
+        raise UsageError(f"could not split the flags: {err}") from None
+    return magic.parser.parse_args(argv)
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def _user_errors(call: Any) -> Any:
+    """Run ``call``; core errors become a one-line ``UsageError``."""
+    try:
+        return call()
+    except UsageError:
+        raise
+    except _USER_ERRORS as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(message) from None
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbllm``: register ``%llm`` / ``%%llm`` and their ``%config`` settings."""
+    ipython.register_magics(LLMMagics(shell=ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext nbllm``: remove the magics."""
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("llm", None)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LLMMagics)]

@@ -1,0 +1,350 @@
+"""Pure render functions: token records and distributions to HTML or a matplotlib ``Figure``.
+
+Nothing here displays anything or calls a model. Widgets, magics and the
+``_repr_html_`` fallbacks all draw through these functions, so a notebook
+viewed without a widget frontend (nbconvert, GitHub) shows the same picture.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .tokens import Stats, Token
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "STYLE",
+    "prob_color",
+    "token_span",
+    "tokens_html",
+    "Shaped",
+    "shape_distribution",
+    "distribution_html",
+    "distribution_figure",
+    "messages_html",
+    "stats_line",
+]
+
+# Scoped to .nbllm so it cannot restyle the rest of the page. The popup is
+# pure CSS (hover or focus after a click), so it works without JavaScript.
+STYLE = """<style>
+.nbllm{font-family:var(--jp-code-font-family,monospace);font-size:13px;line-height:1.7;white-space:pre-wrap;word-break:break-word}
+.nbllm .t{position:relative;border-radius:2px;color:#111}
+.nbllm .t.b{outline:1px solid #9996;margin:0 1px}
+.nbllm .t.f{border-bottom:2px dashed #7a3cc2}
+.nbllm .t.s{color:#888;font-size:smaller}
+.nbllm .t[data-a]:hover::after,.nbllm .t[data-a]:focus::after{content:attr(data-a);position:absolute;left:0;top:1.6em;z-index:20;
+ background:#222;color:#eee;padding:4px 6px;border-radius:4px;white-space:pre;font-size:12px;line-height:1.4;pointer-events:none}
+.nbllm-dist td{padding:1px 6px;font-family:var(--jp-code-font-family,monospace);font-size:12px;white-space:pre}
+.nbllm-dist .bar{display:inline-block;height:9px;vertical-align:middle}
+.nbllm-dist tr.cut td{color:#999}
+.nbllm-msg{margin:4px 0;padding:6px 10px;border-radius:8px;white-space:pre-wrap;max-width:90%}
+.nbllm-msg.user{background:#e3f0ff;color:#111;margin-left:auto}
+.nbllm-msg.assistant{background:#f1f1f1;color:#111}
+.nbllm-msg.system{background:#fff7d6;color:#555;font-size:smaller}
+.nbllm-foot{color:#888;font-size:12px}
+</style>"""
+
+
+def prob_color(p: float) -> str:
+    """Background colour for a probability: red (unlikely) to green (likely).
+
+    Args:
+        p: A probability in [0, 1] (clipped).
+
+    Returns:
+        A CSS ``hsl(...)`` colour.
+    """
+    p = min(max(float(p), 0.0), 1.0)
+    return f"hsl({120 * p:.0f},80%,{78 + 8 * p:.0f}%)"
+
+
+def _piece(text: str) -> str:
+    return repr(text)
+
+
+def alternatives_text(token: Token, k: int = 10) -> str:
+    """The token's top alternatives as lines ``'piece'  p%`` (the chosen one marked)."""
+    lines = [f"{token.prob:6.1%} chosen {_piece(token.piece)}" + (" · forced" if token.forced else "")]
+    for alt in token.top[:k]:
+        mark = "▸" if alt.id == token.id else " "
+        sampled = f"  (sampler {alt.sampled_prob:.1%})" if alt.sampled_prob is not None else ""
+        lines.append(f"{mark}{alt.prob:6.1%} {_piece(alt.piece)}{sampled}")
+    return "\n".join(lines)
+
+
+def token_span(token: Token, *, colored: bool = True, boundaries: bool = False, tooltips: str = "css") -> str:
+    """One token as an HTML ``<span>``.
+
+    Args:
+        token: The token record.
+        colored: Background coloured by the token's probability.
+        boundaries: Outline each token so boundaries show.
+        tooltips: ``"css"`` (popup on hover/click, needs ``STYLE``),
+            ``"title"`` (browser tooltip; survives sanitizers), or ``"none"``.
+
+    Returns:
+        HTML text.
+    """
+    text = token.text
+    if token.special:
+        text = text + f"⟨{token.piece or 'eos'}⟩" if boundaries or colored else text
+    cls = "t" + (" b" if boundaries else "") + (" f" if token.forced else "") + (" s" if token.special else "")
+    attrs = f' class="{cls}"'
+    if colored:
+        attrs += f' style="background:{prob_color(token.prob)}"'
+    if tooltips != "none" and (colored or boundaries or token.top):
+        tip = html.escape(alternatives_text(token), quote=True).replace("\n", "&#10;")
+        attrs += f' tabindex="0" data-a="{tip}"' if tooltips == "css" else f' title="{tip}"'
+    return f"<span{attrs}>{html.escape(text)}</span>"
+
+
+def tokens_html(
+    tokens: Iterable[Token],
+    *,
+    colored: bool = True,
+    boundaries: bool = False,
+    tooltips: str = "css",
+    footer: str = "",
+    style: bool = True,
+) -> str:
+    """A block of tokens (see ``token_span``) with an optional footer line.
+
+    Returns:
+        HTML text, with the ``<style>`` block unless ``style=False``.
+    """
+    body = "".join(token_span(t, colored=colored, boundaries=boundaries, tooltips=tooltips) for t in tokens)
+    foot = f"<div class='nbllm-foot'>{html.escape(footer)}</div>" if footer else ""
+    return (STYLE if style else "") + f"<div class='nbllm nbllm-stream'>{body}</div>{foot}"
+
+
+def stats_line(stats: Stats | None, finish_reason: str | None = None) -> str:
+    """A one-line summary of a generation's figures (plain text)."""
+    parts = [stats.summary()] if stats is not None and stats.generated_tokens else []
+    if finish_reason:
+        parts.append(f"finish: {finish_reason}")
+    return " · ".join(parts)
+
+
+# -- distributions ----------------------------------------------------------
+@dataclass(frozen=True)
+class Shaped:
+    """A next-token distribution before and after the sampler's filters.
+
+    Attributes:
+        ids: The ``k`` most likely token ids under the model, most likely first.
+        labels: Their texts.
+        model_probs: Their probabilities under the model.
+        sampled_probs: Their probabilities under the filtered, tempered distribution.
+        cut_by: Per row, the filter that removed the token (``"top-p"``,
+            ``"min-p"``, ``"top-k"``, ``"greedy"``) or ``""`` when it survives.
+        rest_model: Model probability of all tokens outside ``ids``.
+        rest_sampled: Sampled probability of all tokens outside ``ids``.
+        survivors: How many tokens of the whole vocabulary can still be sampled.
+        vocab_size: Size of the vocabulary.
+    """
+
+    ids: tuple[int, ...]
+    labels: tuple[str, ...]
+    model_probs: tuple[float, ...]
+    sampled_probs: tuple[float, ...]
+    cut_by: tuple[str, ...]
+    rest_model: float
+    rest_sampled: float
+    survivors: int
+    vocab_size: int
+
+
+def shape_distribution(
+    logprobs: Any,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    k: int = 10,
+    label: Callable[[int], str] = str,
+) -> Shaped:
+    """Apply the sampler's filters to a stored distribution, with numpy.
+
+    Mirrors ``nbllm.sampling.sampled_logprobs`` (mlx-lm's order: top-p, then
+    min-p, then top-k, then temperature; temperature 0 is greedy) and records
+    which filter removed each of the top ``k`` tokens.
+
+    Args:
+        logprobs: Model log-probabilities, shape ``(vocab,)`` (numpy or mlx).
+        temperature: Sampling temperature (0 = greedy).
+        top_k: Keep the ``top_k`` most likely tokens (0 = off).
+        top_p: Keep the smallest set holding this much probability (1 = off).
+        min_p: Keep tokens with at least ``min_p`` times the top probability (0 = off).
+        k: Rows to report.
+        label: Token id to display text.
+
+    Returns:
+        A ``Shaped`` record.
+    """
+    lp = np.asarray(logprobs, dtype=np.float32).reshape(-1)
+    n = lp.shape[0]
+    k = max(1, min(int(k), n))
+    keep = np.isfinite(lp)
+    cut = np.full(n, "", dtype=object)
+    if temperature == 0:
+        hot = np.zeros(n, dtype=bool)
+        hot[int(np.argmax(lp))] = True
+        cut[keep & ~hot] = "greedy"
+        keep = hot
+    else:
+        if 0.0 < top_p < 1.0:
+            keep = _cut(keep, lp >= _top_p_threshold(np.where(keep, lp, -np.inf), top_p), cut, "top-p")
+        if min_p > 0.0:
+            kept = np.where(keep, lp, -np.inf)
+            keep = _cut(keep, kept >= kept.max() + math.log(min_p), cut, "min-p")
+        if 0 < top_k < n:
+            kept = np.where(keep, lp, -np.inf)
+            top = np.zeros(n, dtype=bool)
+            top[np.argpartition(-kept, top_k - 1)[:top_k]] = True
+            keep = _cut(keep, top, cut, "top-k")
+    sampled = np.zeros(n, dtype=np.float64)
+    if keep.any():
+        x = lp[keep].astype(np.float64) / (temperature or 1.0)
+        x = np.exp(x - x.max())
+        sampled[keep] = x / x.sum()
+    probs = np.exp(lp.astype(np.float64))
+    top_ids = np.argpartition(-lp, k - 1)[:k]
+    top_ids = top_ids[np.argsort(-lp[top_ids], kind="stable")]
+    return Shaped(
+        ids=tuple(int(i) for i in top_ids),
+        labels=tuple(label(int(i)) for i in top_ids),
+        model_probs=tuple(float(probs[i]) for i in top_ids),
+        sampled_probs=tuple(float(sampled[i]) for i in top_ids),
+        cut_by=tuple(str(cut[i]) for i in top_ids),
+        rest_model=max(0.0, float(probs.sum() - probs[top_ids].sum())),
+        rest_sampled=max(0.0, float(sampled.sum() - sampled[top_ids].sum())),
+        survivors=int(keep.sum()),
+        vocab_size=n,
+    )
+
+
+def _cut(keep: np.ndarray, passes: np.ndarray, cut: np.ndarray, name: str) -> np.ndarray:
+    removed = keep & ~passes
+    cut[removed] = name
+    return keep & passes
+
+
+def _top_p_threshold(lp: np.ndarray, top_p: float) -> float:
+    # Same rule as mlx_lm.sample_utils.apply_top_p: drop the tail whose
+    # complement already holds top_p of the mass; ties with the cut stay.
+    asc = np.sort(lp)
+    probs = np.exp(asc.astype(np.float64))
+    above = np.cumsum(probs[::-1])[::-1] - probs  # mass strictly above each position
+    dropped = int((above >= top_p * probs.sum()).sum())
+    return float(asc[min(dropped, len(asc) - 1)])
+
+
+def distribution_html(shaped: Shaped, *, chosen: int | None = None, style: bool = True) -> str:
+    """A bar chart table: model probability (grey) and sampled probability (blue).
+
+    Args:
+        shaped: From ``shape_distribution``.
+        chosen: A token id to mark (e.g. the one just taken).
+        style: Include the ``<style>`` block.
+
+    Returns:
+        HTML text.
+    """
+    peak = max(shaped.model_probs + shaped.sampled_probs + (1e-9,))
+    rows = []
+    for i, lab, pm, ps, cut in zip(shaped.ids, shaped.labels, shaped.model_probs, shaped.sampled_probs, shaped.cut_by):
+        rows.append(_dist_row(_piece(lab) + (" ◂" if i == chosen else ""), pm, ps, cut, peak, cut != ""))
+    rest_n = shaped.vocab_size - len(shaped.ids)
+    rows.append(_dist_row(f"rest ({rest_n} tokens)", shaped.rest_model, shaped.rest_sampled, "", peak, False, "rest"))
+    head = (
+        "<tr><td><b>token</b></td><td><b>model</b></td><td><b>sampled</b></td><td></td></tr>"
+    )
+    caption = f"{shaped.survivors} of {shaped.vocab_size} tokens can be sampled"
+    table = f"<table class='nbllm-dist'><caption style='text-align:left;color:#666'>{caption}</caption>{head}{''.join(rows)}</table>"
+    return (STYLE if style else "") + table
+
+
+def _dist_row(label: str, pm: float, ps: float, cut: str, peak: float, is_cut: bool, cls: str = "") -> str:
+    def bar(p: float, colour: str) -> str:
+        width = 0 if p <= 0 else max(1, round(120 * p / peak))
+        return f"<span class='bar' style='width:{width}px;background:{colour}'></span> {p:6.1%}"
+
+    klass = " ".join(c for c in (cls, "cut" if is_cut else "") if c)
+    tag = f"cut by {cut}" if cut else ""
+    return (
+        f"<tr class='{klass}' data-cut='{cut}'><td>{html.escape(label)}</td><td>{bar(pm, '#999')}</td>"
+        f"<td>{bar(ps, '#3b82f6')}</td><td>{tag}</td></tr>"
+    )
+
+
+def distribution_figure(shaped: Shaped, *, title: str | None = None) -> "Figure":
+    """The same chart as a matplotlib ``Figure`` (no pyplot global state).
+
+    Args:
+        shaped: From ``shape_distribution``.
+        title: Figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    labels = [_piece(lab) for lab in shaped.labels] + ["rest"]
+    model = list(shaped.model_probs) + [shaped.rest_model]
+    sampled = list(shaped.sampled_probs) + [shaped.rest_sampled]
+    fig = Figure(figsize=(6, 0.3 * len(labels) + 1))
+    ax = fig.add_subplot()
+    y = np.arange(len(labels))
+    ax.barh(y - 0.2, model, height=0.4, color="#999", label="model")
+    ax.barh(y + 0.2, sampled, height=0.4, color="#3b82f6", label="sampled")
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("probability")
+    ax.legend(loc="lower right")
+    ax.set_title(title or f"{shaped.survivors} of {shaped.vocab_size} tokens survive the filters")
+    fig.tight_layout()
+    return fig
+
+
+# -- chat -------------------------------------------------------------------
+def messages_html(messages: Sequence[dict[str, Any]], *, pending: str | None = None, style: bool = True) -> str:
+    """Chat messages as bubbles; ``pending`` is a reply still streaming.
+
+    Args:
+        messages: ``{"role", "content"}`` dicts (content may be a string or a
+            list of parts with ``{"type": "text", "text": ...}``).
+        pending: Partial assistant text to show last.
+
+    Returns:
+        HTML text.
+    """
+    out = []
+    for m in messages:
+        role = str(m.get("role", "user"))
+        out.append(f"<div class='nbllm-msg {html.escape(role)}'>{html.escape(_content_text(m.get('content')))}</div>")
+    if pending is not None:
+        out.append(f"<div class='nbllm-msg assistant pending'>{html.escape(pending)}▍</div>")
+    return (STYLE if style else "") + "<div class='nbllm-chat' style='display:flex;flex-direction:column'>" + "".join(out) + "</div>"
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                parts.append(str(part.get("text", "")) if part.get("type", "text") == "text" else f"[{part.get('type')}]")
+            else:
+                parts.append(str(part))
+        return "".join(parts)
+    return "" if content is None else str(content)

@@ -1,0 +1,242 @@
+"""``ChatWidget``: a chat over ``nbllm.chat.Chat`` with a Stop that works mid-reply.
+
+A cell that is running cannot receive clicks, so generation must give
+control back between tokens. In a kernel (an asyncio loop is running) the
+reply is an asyncio task that yields after each token, which keeps MLX on the
+main thread; elsewhere (plain Python, tests) it runs on a worker thread. Stop
+sets the stream's cancel flag, which ends it after the current token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+from typing import Any, Callable, Iterator
+
+import ipywidgets as widgets
+from traitlets import Bool, Int, Unicode
+
+from .. import render
+from ._live import Throttle
+
+__all__ = ["ChatWidget"]
+
+
+def _make_chat(lm: Any, system: str | None, options: dict[str, Any]) -> Any:
+    try:
+        from ..chat import Chat
+    except ImportError as err:  # chat.py is built by a separate task
+        raise ImportError(f"ChatWidget needs nbllm.chat.Chat, which is not available in this install: {err}") from None
+    return Chat(lm, system=system, **options)
+
+
+class ChatWidget(widgets.VBox):
+    """Message list, input box, Send / Stop / Regenerate / Reset, system prompt, stats.
+
+    Args:
+        chat: An ``nbllm.chat.Chat``, or an ``LM`` to start a new one.
+        system: System prompt for a new chat (editable in the widget).
+        max_rate: Most redraws per second while a reply streams.
+        **options: Sampling settings for a new chat (as for ``nbllm.stream``).
+    """
+
+    busy = Bool(False, help="a reply is streaming").tag(sync=True)
+    status = Unicode("").tag(sync=True)
+    reply = Unicode("", help="the reply streaming now, or the last one").tag(sync=True)
+    n_messages = Int(0).tag(sync=True)
+    finish_reason = Unicode(None, allow_none=True).tag(sync=True)
+
+    def __init__(self, chat: Any, *, system: str | None = None, max_rate: float = 30.0, **options: Any):
+        self.chat = chat if hasattr(chat, "send") else _make_chat(chat, system, options)
+        self.lm = getattr(self.chat, "lm", chat)
+        self._max_rate = max_rate
+        self._stream: Any = None
+        self._pending = ""
+        self._stop = False
+        self._done = threading.Event()
+        self._done.set()
+        self.task: Any = None
+        self.messages = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
+        self.input = widgets.Textarea(placeholder="Message (Send or Shift+Enter in the box is not bound; click Send)", layout=widgets.Layout(width="100%"))
+        self.system_box = widgets.Text(value=getattr(self.chat, "system", None) or system or "", description="system", placeholder="system prompt")
+        self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.regenerate_button = widgets.Button(description="Regenerate", icon="redo")
+        self.reset_button = widgets.Button(description="Reset", icon="trash")
+        self.attach = widgets.FileUpload(accept="image/*", multiple=True, description="Image")
+        self.stats = widgets.HTML()
+        buttons = [self.send_button, self.stop_button, self.regenerate_button, self.reset_button]
+        if getattr(self.lm, "is_vision", False):
+            buttons.append(self.attach)
+        super().__init__(children=[self.system_box, self.messages, self.input, widgets.HBox(buttons), self.stats])
+        self.add_class("nbllm-chat-widget")
+        self.send_button.on_click(lambda _: self.send())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.regenerate_button.on_click(lambda _: self.regenerate())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.system_box.observe(self._system_changed, "value")
+        self.redraw()
+
+    # -- actions ---------------------------------------------------------------
+    def send(self, text: str | None = None) -> None:
+        """Send ``text`` (default: the input box) and stream the reply."""
+        text = self.input.value if text is None else text
+        if not text.strip():
+            self.status = "type a message first"
+            return
+        images = self._images()
+        kwargs = {"images": images} if images else {}
+        if self._start(lambda: self.chat.send(text, **kwargs)):
+            self.input.value = ""
+            self.attach.value = ()
+
+    def regenerate(self) -> None:
+        """Replace the last reply with a new one."""
+        self._start(self.chat.regenerate)
+
+    def stop(self) -> None:
+        """Stop the reply now streaming (it ends after the current token)."""
+        self._stop = True
+        cancel = getattr(self._stream, "cancel", None)
+        if cancel is not None:
+            cancel()
+        self.status = "stopping…"
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the system prompt)."""
+        if self.busy:
+            self.status = "stop the reply first"
+            return
+        self.chat.reset()
+        self.reply, self.finish_reason, self.status = "", None, ""
+        self.stats.value = ""
+        self.redraw()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current reply ends (worker-thread mode); True if it did."""
+        return self._done.wait(timeout)
+
+    # -- streaming -------------------------------------------------------------
+    def _start(self, make_stream: Callable[[], Iterator[Any]]) -> bool:
+        if self.busy:
+            self.status = "a reply is already streaming"
+            return False
+        try:
+            stream = make_stream()
+        except (ValueError, TypeError, RuntimeError, IndexError) as err:
+            self.status = str(err)
+            return False
+        self._stream, self._stop, self._pending = stream, False, ""
+        self.reply, self.status, self.finish_reason = "", "", None
+        self.busy = True
+        self._done.clear()
+        self.stop_button.disabled = False
+        self.send_button.disabled = self.regenerate_button.disabled = self.reset_button.disabled = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self.task = loop.create_task(self._run_async(stream))
+        else:
+            self.task = threading.Thread(target=self._run_thread, args=(stream,), daemon=True, name="nbllm-chat")
+            self.task.start()
+        return True
+
+    def _run_thread(self, stream: Iterator[Any]) -> None:
+        throttle, last = Throttle(self._max_rate), None
+        try:
+            for token in stream:
+                last = self._on_token(token, throttle)
+                if self._stop and not hasattr(stream, "cancel"):
+                    break
+        except Exception as err:  # shown in the widget: no one is there to catch it
+            self.status = f"{type(err).__name__}: {err}"
+        finally:
+            self._finish(stream, last)
+
+    async def _run_async(self, stream: Iterator[Any]) -> None:
+        throttle, last = Throttle(self._max_rate), None
+        try:
+            for token in stream:
+                last = self._on_token(token, throttle)
+                if self._stop and not hasattr(stream, "cancel"):
+                    break
+                await asyncio.sleep(0)  # let button clicks (Stop) in
+        except Exception as err:
+            self.status = f"{type(err).__name__}: {err}"
+        finally:
+            self._finish(stream, last)
+
+    def _on_token(self, token: Any, throttle: Throttle) -> Any:
+        self._pending += token.text
+        if throttle.due():
+            throttle.begin()
+            self.reply = self._pending
+            self.redraw(pending=self._pending)
+            throttle.end()
+        return token
+
+    def _finish(self, stream: Any, last: Any) -> None:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        self.reply, self._pending = self._pending, ""
+        self.finish_reason = getattr(last, "finish_reason", None) or ("cancelled" if self._stop else None)
+        stats = getattr(self.chat, "last_stats", None) or getattr(stream, "stats", None)
+        self.stats.value = f"<span class='nbllm-foot'>{html.escape(_stats_text(stats, self.finish_reason))}</span>"
+        if self.finish_reason == "cancelled":
+            self.status = "stopped"
+        elif self.status == "stopping…":
+            self.status = ""
+        self._stream = None
+        self.busy = False
+        self.stop_button.disabled = True
+        self.send_button.disabled = self.regenerate_button.disabled = self.reset_button.disabled = False
+        self.redraw()
+        self._done.set()
+
+    # -- drawing ---------------------------------------------------------------
+    def _history(self) -> list[dict[str, Any]]:
+        return list(getattr(self.chat, "history", []) or [])
+
+    def redraw(self, pending: str | None = None) -> None:
+        """Redraw the message list (``pending`` is a reply still streaming)."""
+        history = self._history()
+        if pending is not None and history and history[-1].get("role") == "assistant":
+            history = history[:-1]  # a chat may already hold the partial reply
+        self.n_messages = len(history)
+        self.messages.value = render.messages_html(history, pending=pending)
+
+    def _system_changed(self, change: Any) -> None:
+        value = change["new"] or None
+        if hasattr(self.chat, "system"):
+            try:
+                self.chat.system = value
+            except (AttributeError, ValueError, TypeError) as err:
+                self.status = str(err)
+        self.redraw()
+
+    def _images(self) -> list[bytes]:
+        return [bytes(f["content"]) for f in (self.attach.value or ())]
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        data = super()._repr_mimebundle_(**kwargs) or {}
+        data["text/plain"] = f"ChatWidget({len(self._history())} messages)"
+        data["text/html"] = render.messages_html(self._history())
+        return data
+
+
+def _stats_text(stats: Any, finish: str | None) -> str:
+    if stats is None:
+        return f"finish: {finish}" if finish else ""
+    parts = [
+        f"first token {getattr(stats, 'time_to_first_token', 0.0) * 1000:.0f} ms",
+        f"{getattr(stats, 'generation_tps', 0.0):.1f} tok/s",
+        f"{getattr(stats, 'generated_tokens', 0)} tokens",
+        f"{getattr(stats, 'cached_tokens', 0)} cache tokens reused",
+    ]
+    if finish:
+        parts.append(f"finish: {finish}")
+    return " · ".join(parts)

@@ -1,0 +1,193 @@
+"""``%%llm`` / ``%llm`` in a real IPython ``InteractiveShell`` on the tiny fixture models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import nbllm
+from nbllm.magics import LLMMagics
+
+
+@pytest.fixture(scope="module")
+def shell(model_dir: Path) -> Iterator[InteractiveShell]:
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbllm")
+    sh.run_line_magic("llm", f"load {model_dir / 'llama'}")
+    yield sh
+    sh.run_line_magic("unload_ext", "nbllm")
+
+
+@pytest.fixture()
+def magics(shell: InteractiveShell) -> Iterator[LLMMagics]:
+    m = next(c for c in shell.configurables if isinstance(c, LLMMagics))
+    saved = {name: getattr(m, name) for name in m.trait_names() if m.trait_metadata(name, "config")}
+    yield m
+    for name, value in saved.items():
+        setattr(m, name, value)
+
+
+def cell(shell: InteractiveShell, line: str, body: str = "Hello there") -> Any:
+    return shell.run_cell_magic("llm", line, body)
+
+
+def error_of(shell: InteractiveShell, source: str) -> BaseException | None:
+    return shell.run_cell(source).error_in_exec
+
+
+def test_cell_streams_the_same_text_as_generate(shell: InteractiveShell, lm: nbllm.LM, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    cell(shell, "-n 12 -o out")
+    printed = capsys.readouterr().out
+    completion = shell.user_ns["out"]
+    reference = nbllm.generate(lm, "Hello there", max_tokens=12)
+    assert isinstance(completion, nbllm.Completion) and completion.text == reference.text
+    assert len(completion.tokens) == 12 and printed.startswith(reference.text)
+    assert "finish: length" in printed
+
+
+def test_sampling_flags_reach_the_sampler(shell: InteractiveShell, lm: nbllm.LM) -> None:
+    cell(shell, "-n 16 -t 1.2 --top-k 20 --top-p 0.95 --min-p 0.01 --seed 7 -o a")
+    cell(shell, "-n 16 -t 1.2 --top-k 20 --top-p 0.95 --min-p 0.01 --seed 7 -o b")
+    cell(shell, "-n 16 -t 1.2 --seed 8 -o c")
+    ref = nbllm.generate(lm, "Hello there", max_tokens=16, temperature=1.2, top_k=20, top_p=0.95, min_p=0.01, seed=7)
+    a, b, c = (shell.user_ns[k] for k in "abc")
+    assert a.text == b.text == ref.text and [t.id for t in c.tokens] != [t.id for t in a.tokens]
+
+
+def test_raw_system_and_stop(shell: InteractiveShell, lm: nbllm.LM) -> None:
+    cell(shell, "--raw -n 3 -o r", "Once upon a time")
+    assert shell.user_ns["r"].stats.prompt_tokens == len(lm.encode("Once upon a time", raw=True))
+    cell(shell, '-s "You are terse." -n 3 -o s')
+    assert shell.user_ns["s"].stats.prompt_tokens == len(lm.encode("Hello there", system="You are terse."))
+    full = nbllm.generate(lm, "Hello there", max_tokens=30).text
+    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2])
+    cell(shell, f"-n 30 --stop {stop!r} -o st")
+    st = shell.user_ns["st"]
+    assert st.finish_reason == "stop_string" and st.text == full[: full.index(stop)]
+
+
+def test_config_sets_defaults(shell: InteractiveShell, magics: LLMMagics) -> None:
+    shell.run_line_magic("config", "LLMMagics.max_tokens = 4")
+    shell.run_line_magic("config", "LLMMagics.temperature = 0.9")
+    shell.run_line_magic("config", "LLMMagics.seed = 5")
+    cell(shell, "-o d")
+    d = shell.user_ns["d"]
+    assert len(d.tokens) == 4 and magics.temperature == 0.9
+    assert d.text == nbllm.generate(magics.models[magics.current], "Hello there", max_tokens=4, temperature=0.9, seed=5).text
+    cell(shell, "-n 2 -o e")  # a flag beats the default
+    assert len(shell.user_ns["e"].tokens) == 2
+
+
+def test_probs_shows_each_token_with_its_probability(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    cell(shell, "--probs -n 5 -o p")
+    out = capsys.readouterr().out
+    p = shell.user_ns["p"]
+    assert all(len(t.top) == 8 for t in p.tokens)
+    assert f"{p.tokens[0].prob:7.2%} {p.tokens[0].piece!r}" in out
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("%%llm --bogus\nhi", "unrecognized arguments: --bogus"),
+        ("%%llm -t hot\nhi", "argument -t/--temperature: invalid float value"),
+        ("%%llm -t -1\nhi", "temperature: expected a float >= 0"),
+        ("%%llm --top-p 2\nhi", "top_p: expected a float in (0, 1]"),
+        ("%%llm -n 0\nhi", "max_tokens: expected an integer >= 1"),
+        ("%%llm -o 1x\nhi", "-o: expected a Python variable name"),
+        ("%%llm --schema nothing_here\nhi", "no variable 'nothing_here'"),
+        ("%%llm --json --regex a+\nhi", "expected at most one of"),
+        ("%%llm --image /no/such.png\nhi", "is a text-only model"),
+        ("%%llm -m /no/such/model\nhi", "no model folder"),
+        ("%%llm\n   ", "expected a prompt in the cell body"),
+        ("%llm use nobody", "expected the name of a loaded model"),
+        ("%llm dance", "expected one of info, load"),
+    ],
+)
+def test_user_mistakes_are_one_line_usage_errors(shell: InteractiveShell, source: str, message: str) -> None:
+    err = error_of(shell, source)
+    assert isinstance(err, UsageError) and message in str(err) and "\n" not in str(err).strip()
+
+
+def test_help_lists_the_flags(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    cell(shell, "--help", "anything")
+    out = capsys.readouterr().out
+    for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--max-tokens", "--seed", "--system", "--stop",
+                 "--schema", "--json", "--regex", "--image", "--chat", "--probs", "--step", "--output", "--raw"):
+        assert flag in out
+    shell.run_line_magic("llm", "--help")
+    out = capsys.readouterr().out
+    assert "%llm [" in out and "%%llm [" in out
+
+
+def test_line_magic_load_use_list_info(shell: InteractiveShell, magics: LLMMagics, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    first = magics.current
+    lm = shell.run_line_magic("llm", f"load {model_dir / 'qwen3'} --as q")
+    assert magics.current == "q" and lm.info.architecture == "qwen3"
+    cell(shell, "-n 2 -o qo")
+    assert shell.user_ns["qo"].stats.prompt_tokens == len(lm.encode("Hello there"))
+    cell(shell, f"-m {first} -n 2 -o lo")  # -m for one cell, selection unchanged
+    assert magics.current == "q"
+    capsys.readouterr()
+    shell.run_line_magic("llm", "list")
+    assert "* q:" in capsys.readouterr().out
+    shell.run_line_magic("llm", f"use {first}")
+    assert shell.run_line_magic("llm", "info") is magics.models[first]
+    shell.run_line_magic("llm", "unload q")
+    assert "q" not in magics.models
+
+
+def test_step_opens_a_stepper_on_the_real_model(shell: InteractiveShell, lm: nbllm.LM) -> None:
+    cell(shell, "--step -t 0 -o st")
+    stepper = shell.user_ns["st"]
+    assert isinstance(stepper, nbllm.Stepper) and stepper.tokens == []
+    token = stepper.step()
+    assert token.id == nbllm.generate(lm, "Hello there", max_tokens=1).tokens[0].id
+
+
+def test_chat_continues_the_notebook_conversation(shell: InteractiveShell, magics: LLMMagics) -> None:
+    shell.run_line_magic("llm", "reset")
+    cell(shell, "--chat -n 4 -o c1", "Hi")
+    cell(shell, "--chat -n 4 -o c2", "And again")
+    chat = magics.chat
+    assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
+    assert chat.history[1]["content"] == shell.user_ns["c1"].text
+    assert shell.user_ns["c2"].stats.cached_tokens > 0
+    widget = shell.run_line_magic("llm", "chat")
+    assert widget.chat is chat and widget.n_messages == 4
+    shell.run_line_magic("llm", "reset")
+    assert chat.history == []
+    err = error_of(shell, "%%llm --chat --raw\nhi")
+    assert isinstance(err, UsageError) and "--raw" in str(err)
+
+
+def test_structured_output_flags(shell: InteractiveShell) -> None:
+    cell(shell, "--regex '[0-9]{{3}}' -o r", "Three digits")  # IPython expands {...} in the line
+    r = shell.user_ns["r"]
+    assert len(r.text) == 3 and r.text.isdigit() and r.value == r.text
+    cell(shell, "--choices red,green,blue -o ch", "Pick a colour")
+    assert shell.user_ns["ch"].value in {"red", "green", "blue"}
+    shell.user_ns["Point"] = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+                              "additionalProperties": False}
+    cell(shell, "--schema Point -n 60 -o pt", "A point")
+    assert isinstance(shell.user_ns["pt"].value["x"], int)
+
+
+def test_widget_view_streams_into_a_stream_view(shell: InteractiveShell, magics: LLMMagics, lm: nbllm.LM,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    shell.run_line_magic("config", "LLMMagics.view = 'widget'")
+    shown: list[Any] = []
+    monkeypatch.setattr(magics, "_display", lambda obj, display_id=False: shown.append(obj))
+    cell(shell, "--probs -n 6 -o w")
+    view = shown[0]
+    assert view.text == shell.user_ns["w"].text == nbllm.generate(lm, "Hello there", max_tokens=6).text
+    assert view.n_tokens == 6 and view.colored and view.status == "done"
+    cell(shell, "--step")
+    assert type(shown[-1]).__name__ == "StepperWidget"
