@@ -7,10 +7,13 @@ from .blas import enable_fast_blas as _enable_fast_blas
 # Must run before mlx.core is first imported (see nbllm.blas).
 _enable_fast_blas()
 
+from .cache import PromptCache  # noqa: E402
+from .chat import Chat  # noqa: E402
 from .generate import TokenStream, generate, stream  # noqa: E402
 from .model import LM, ModelInfo, load  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .stepper import Stepper  # noqa: E402
+from .structured import Constraint, StructuredOutputError, make_constraint  # noqa: E402
 from .tokens import Alternative, Completion, Stats, Token  # noqa: E402
 
 __version__ = "0.1.0"
@@ -38,6 +41,11 @@ __all__ = [
     "generate",
     "TokenStream",
     "Stepper",
+    "make_constraint",
+    "Constraint",
+    "StructuredOutputError",
+    "PromptCache",
+    "Chat",
     "SamplingParams",
     "Token",
     "Alternative",

@@ -36,6 +36,8 @@ class Stepper:
         logits_processors: Extra ``processor(tokens, logits) -> logits`` callables.
         constraint: A structured-output constraint (rolled back with ``back``).
         prefill_step_size: Prompt tokens per prefill chunk.
+        prompt_cache: A ``PromptCache``: the prompt reuses its longest cached
+            prefix and is left in it; the stepper then works on its own copy.
         **options: Sampling settings, as for ``stream`` (default greedy).
 
     Invariant: after ``back(n)``, greedy ``step()`` calls reproduce exactly the
@@ -54,6 +56,7 @@ class Stepper:
         logits_processors: Sequence[LogitsProcessor] | None = None,
         constraint: Any = None,
         prefill_step_size: int = 2048,
+        prompt_cache: Any = None,
         **options: Any,
     ):
         from mlx_lm.models.cache import make_prompt_cache
@@ -65,6 +68,8 @@ class Stepper:
         self.constraint = _constraint_from(lm, constraint, options)
         if options:
             raise TypeError(f"unexpected argument(s): {', '.join(sorted(options))}")
+        if prompt_cache is not None and not hasattr(prompt_cache, "prepare"):
+            raise TypeError(f"prompt_cache: expected a PromptCache or None, got {type(prompt_cache).__name__}")
         if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= min(100, lm.vocab_size):
             raise ValueError(f"top_logprobs: expected an integer in [1, {min(100, lm.vocab_size)}], got {top_logprobs!r}")
         self.top_logprobs = top_logprobs
@@ -79,8 +84,18 @@ class Stepper:
         self._eos = lm.tokenizer.eos_token_ids
         self.tokens: list[Token] = []
         self.finish_reason: str | None = None
-        self._cache = make_prompt_cache(lm.model)
-        self._prefill(self.prompt_ids, embeddings, prefill_step_size)
+        if prompt_cache is None:
+            self._cache = make_prompt_cache(lm.model)
+            self._prefill(self.prompt_ids, embeddings, prefill_step_size)
+        else:
+            self._cache, reused = prompt_cache.prepare(self.prompt_ids)
+            try:
+                emb = embeddings[reused:] if embeddings is not None else None
+                self._prefill(self.prompt_ids[reused:], emb, prefill_step_size)
+            finally:
+                prompt_cache.commit(self.prompt_ids)
+            # back()/branch() move this cache; the shared one keeps the prompt.
+            self._cache = copy.deepcopy(self._cache)
         self._text = TextAssembler(lm.tokenizer)
         self.text = ""
 

@@ -1,0 +1,146 @@
+"""Prompt cache and chat benchmark, in one run on one model.
+
+    python bench/bench_cache.py            # prints a table
+    python bench/bench_cache.py --quick    # shorter history and fewer turns, for a smoke run
+
+Rows:
+  * time to first token of a new user turn after a ~3,000-token history: warm
+    (the chat's cache reused) vs cold (a fresh session with the same history), target >= 50x
+  * prefix reuse across a 20-turn scripted chat: share of the previous context
+    reused each turn, target >= 95% every turn
+  * KV bytes held after 200 short turns with max_kv_size set (bounded) vs unset
+Model: the embedded default model when present, else a generated 25M-param llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SYSTEM = "You are a helpful assistant. Answer briefly."
+BENCH_SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
+               "num_attention_heads": 8, "num_key_value_heads": 4}
+
+
+def pick_model(arg: str | None, tmp: Path) -> Any:
+    import nbllm
+    from nbllm.fixtures import make_model
+    from nbllm.model import DEFAULT_MODEL_PATH
+
+    if arg:
+        return nbllm.load(arg)
+    if (DEFAULT_MODEL_PATH / "config.json").exists():
+        return nbllm.load()
+    return nbllm.load(make_model(tmp / "bench-llama", "llama", overrides=BENCH_SHAPE))
+
+
+def scripted(n: int, seed: int = 1, lines: int = 3) -> list[str]:
+    from nbllm.fixtures import sample_corpus
+
+    corpus = sample_corpus(n * lines, seed=seed)
+    return [" ".join(corpus[i * lines : (i + 1) * lines]) for i in range(n)]
+
+
+def history_of(lm: Any, n_tokens: int) -> list[dict[str, str]]:
+    """Scripted user/assistant exchanges whose rendering is about ``n_tokens`` long."""
+    texts = scripted(400, seed=2)
+    msgs: list[dict[str, str]] = []
+    while len(lm.encode(msgs, system=SYSTEM) if msgs else []) < n_tokens:
+        k = len(msgs)
+        msgs += [{"role": "user", "content": texts[k]}, {"role": "assistant", "content": texts[k + 1] + " " + texts[k + 2]}]
+    return msgs
+
+
+def first_token(chat: Any, text: str) -> tuple[float, int, int]:
+    """Wall time from send() to the first token; the exchange is then undone."""
+    t = time.perf_counter()
+    reply = chat.send(text)
+    token = next(reply)
+    dt = time.perf_counter() - t
+    reply.close()
+    prompt = len(reply.prompt_ids)
+    chat.undo()
+    return dt, token.id, prompt
+
+
+def ttft(lm: Any, n_tokens: int, repeats: int) -> dict[str, Any]:
+    from nbllm import Chat
+
+    history = history_of(lm, n_tokens)
+    warm = Chat(lm, SYSTEM, history=history[:-2], max_tokens=8)
+    warm.send(history[-2]["content"]).completion()  # the previous turn: the whole history goes through the cache
+    question = "Tell me more."  # a short follow-up, as most chat turns are
+    warm_t, cold_t, ids = [], [], set()
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        dt, tok, prompt = first_token(warm, question)
+        warm_t.append(dt)
+        ids.add(tok)
+        cold = Chat.from_json(lm, warm.to_json(), max_tokens=8)  # same history, empty cache
+        dt, tok, _ = first_token(cold, question)
+        cold_t.append(dt)
+        ids.add(tok)
+    return {"prompt": prompt, "warm": statistics.median(warm_t), "cold": statistics.median(cold_t), "same": len(ids) == 1}
+
+
+def reuse(lm: Any, turns: int) -> dict[str, float]:
+    from nbllm import Chat
+
+    chat = Chat(lm, SYSTEM, max_tokens=32)
+    rates = []
+    for text in scripted(turns, seed=3):
+        chat.send(text).completion()
+        if chat.last_stats.reuse_rate is not None:
+            rates.append(chat.last_stats.reuse_rate)
+    return {"min": min(rates), "mean": statistics.mean(rates), "context": chat.last_stats.prompt_tokens}
+
+
+def memory(lm: Any, turns: int, max_kv_size: int | None) -> dict[str, Any]:
+    from nbllm import Chat
+
+    chat = Chat(lm, SYSTEM, max_tokens=8, max_kv_size=max_kv_size)
+    marks: dict[int, int] = {}
+    for i, text in enumerate(scripted(turns, seed=4, lines=1), 1):
+        chat.send(text).completion()
+        if i % (turns // 4) == 0:
+            marks[i] = chat.cache.stats.bytes_held
+    s = chat.last_stats
+    return {"marks": marks, "context": s.prompt_tokens, "ttft": s.time_to_first_token, "reuse": s.reuse_rate}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None, help="model folder (default: embedded model, else a generated 25M-param llama)")
+    ap.add_argument("--max-kv-size", type=int, default=1024)
+    args = ap.parse_args()
+    hist, repeats, turns, long_turns = (800, 2, 8, 40) if args.quick else (3000, 3, 20, 200)
+    with tempfile.TemporaryDirectory() as tmp:
+        lm = pick_model(args.model, Path(tmp))
+        t = ttft(lm, hist, repeats)
+        r = reuse(lm, turns)
+        bounded = memory(lm, long_turns, args.max_kv_size)
+        unbounded = memory(lm, long_turns, None)
+    print(f"\nnbllm prompt cache benchmark · model {lm.name} ({lm.info.parameters / 1e6:.1f}M params, {lm.info.dtype}) · median of {repeats}\n")
+    rows = [
+        (f"TTFT cold, new turn after {t['prompt']}-token history (s)", f"{t['cold']:.3f}", "", ""),
+        ("TTFT warm, cache reused (s)", f"{t['warm']:.4f}", f"{t['cold'] / t['warm']:.0f}x", ">= 50x"),
+        ("same first token warm and cold", "yes" if t["same"] else "NO", "", "yes"),
+        (f"prefix reuse per turn, {turns}-turn chat: min", f"{r['min']:.1%}", "", ">= 95%"),
+        (f"prefix reuse per turn, {turns}-turn chat: mean", f"{r['mean']:.1%}", "", ""),
+    ]
+    for label, m in (("max_kv_size=%d" % args.max_kv_size, bounded), ("unbounded", unbounded)):
+        for turn, nbytes in m["marks"].items():
+            rows.append((f"KV MB after {turn} turns, {label}", f"{nbytes / 1e6:.2f}", "", "bounded" if m is bounded else ""))
+        rows.append((f"  context tokens / TTFT (s) / reuse at turn {long_turns}, {label}",
+                     f"{m['context']} / {m['ttft']:.3f} / {m['reuse']:.0%}", "", ""))
+    print(f"{'measure':<64} {'value':>22} {'ratio':>7}  target")
+    for name, value, ratio, target in rows:
+        print(f"{name:<64} {value:>22} {ratio:>7}  {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""A reusable prompt cache: longest-prefix reuse, save/load, stats.
+
+mlx-lm owns the KV cache layers and their file format; ``PromptCache`` adds the
+token ids they cover, longest-prefix reuse (trim, or rebuild when a rotating
+layer cannot be trimmed), counters, and files that refuse another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .model import LM
+
+__all__ = ["PromptCache", "CacheStats", "progress_bar", "model_fingerprint"]
+
+FORMAT = "nbllm-prompt-cache/1"
+# Cache classes a file may name; load_prompt_cache looks classes up by name.
+_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache"}
+_KV_BITS, _GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
+
+
+@dataclass
+class CacheStats:
+    """What a ``PromptCache`` holds and has saved.
+
+    Attributes:
+        tokens_held: Token ids the layers cover now.
+        bytes_held: Bytes of KV arrays held now.
+        tokens_reused: Prompt tokens taken from the cache, over all requests.
+        tokens_processed: Prompt tokens the model had to run, over all requests.
+        last_reused: Prompt tokens reused by the last request.
+        last_processed: Prompt tokens run by the last request.
+        requests: Prompts served.
+        rebuilds: Times reusable tokens were lost because a layer could not be
+            trimmed (a rotating or sliding-window layer past its window).
+    """
+
+    tokens_held: int = 0
+    bytes_held: int = 0
+    tokens_reused: int = 0
+    tokens_processed: int = 0
+    last_reused: int = 0
+    last_processed: int = 0
+    requests: int = 0
+    rebuilds: int = 0
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of all prompt tokens served from the cache."""
+        total = self.tokens_reused + self.tokens_processed
+        return self.tokens_reused / total if total else 0.0
+
+
+class PromptCache:
+    """mlx-lm KV cache layers plus the token ids they cover, for one model.
+
+    Pass it as ``prompt_cache=`` to ``stream``/``generate``/``Stepper``; each
+    prompt reuses the longest prefix it shares with what the cache holds.
+
+    Args:
+        lm: The model the cache belongs to.
+        max_kv_size: Keep at most this many tokens per layer (rotating cache:
+            bounded memory, older context forgotten; also caps sliding-window
+            layers with a larger window); ``None`` = unbounded.
+        kv_bits: Quantize the KV cache to this many bits (2-8; mlx-lm's
+            ``QuantizedKVCache``, works on the CPU backend); ``None`` = full precision.
+            Rotating/sliding-window layers stay full precision (mlx-lm cannot
+            quantize them), so ``kv_bits`` with ``max_kv_size`` is refused.
+        kv_group_size: Quantization group size (32, 64 or 128; must divide the head size).
+        prefill_step_size: Tokens per chunk in ``prefill``.
+    """
+
+    def __init__(self, lm: "LM", max_kv_size: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = 64, prefill_step_size: int = 2048):
+        if max_kv_size is not None and (not isinstance(max_kv_size, int) or isinstance(max_kv_size, bool) or max_kv_size < 8):
+            raise ValueError(f"max_kv_size: expected an integer >= 8 or None, got {max_kv_size!r}")
+        if kv_bits is not None and kv_bits not in _KV_BITS:
+            raise ValueError(f"kv_bits: expected one of {_KV_BITS} or None, got {kv_bits!r}")
+        if kv_group_size not in _GROUP_SIZES:
+            raise ValueError(f"kv_group_size: expected one of {_GROUP_SIZES}, got {kv_group_size!r}")
+        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size: expected an integer >= 1, got {prefill_step_size!r}")
+        if kv_bits is not None:
+            if max_kv_size is not None:
+                raise ValueError("kv_bits: expected kv_bits or max_kv_size, got both (mlx-lm has no quantized rotating cache)")
+            head = _head_dim(lm.config)
+            if head is not None and head % kv_group_size:
+                raise ValueError(f"kv_bits: expected a head size divisible by kv_group_size={kv_group_size}, got head size {head}")
+        self.lm, self.max_kv_size, self.kv_bits = lm, max_kv_size, kv_bits
+        self.kv_group_size, self.prefill_step_size = kv_group_size, prefill_step_size
+        self._layers: list[Any] | None = None
+        self._ids: list[int] = []
+        self._busy, self._stats = False, CacheStats()
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def ids(self) -> list[int]:
+        """The token ids the cache covers."""
+        return list(self._ids)
+
+    @property
+    def layers(self) -> list[Any] | None:
+        """The mlx-lm cache layers (``None`` while empty)."""
+        return self._layers
+
+    @property
+    def stats(self) -> CacheStats:
+        s = self._stats
+        s.tokens_held, s.bytes_held = len(self._ids), sum(int(c.nbytes) for c in self._layers or [])
+        return CacheStats(**vars(s))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return f"PromptCache({self.lm.name!r}, {s.tokens_held} tokens, {s.bytes_held / 1e6:.1f} MB, reuse {s.reuse_rate:.0%})"
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading ids of ``ids`` the cache already covers."""
+        return next((i for i, (a, b) in enumerate(zip(self._ids, ids)) if a != b), min(len(self._ids), len(ids)))
+
+    def clear(self) -> None:
+        """Drop every cached token and free the layers."""
+        self._check_free()
+        self._layers, self._ids = None, []
+
+    def trim_to(self, n: int) -> int:
+        """Keep the first ``n`` cached tokens (all are dropped if a layer cannot be trimmed); returns how many."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"trim_to: expected an integer >= 0, got {n!r}")
+        self._check_free()
+        if n < len(self._ids):
+            trimmed = self._trim(len(self._ids) - n)
+            self._layers, self._ids = (self._layers, self._ids[:n]) if trimmed else (None, [])
+        return len(self._ids)
+
+    # -- the CacheLike hook used by stream() -----------------------------------
+    def prepare(self, ids: Sequence[int]) -> tuple[list[Any], int]:
+        """Make the layers cover the longest usable prefix of the prompt ``ids``.
+
+        Returns:
+            ``(layers, n)``: layers covering ``ids[:n]``, ``n < len(ids)`` (mlx-lm must run one token).
+        """
+        ids = _check_ids(ids, self.lm.vocab_size)
+        self._check_free()
+        n = self._reuse(ids, len(ids) - 1)
+        self._busy = True
+        return self._layers, n  # type: ignore[return-value]
+
+    def commit(self, ids: Sequence[int]) -> None:
+        """Record that the layers were fed a prefix of ``ids`` (their offsets say how much)."""
+        self._busy = False
+        if self._layers is None:
+            return
+        offsets = [c.offset for c in self._layers if hasattr(c, "offset")]
+        covered = min(offsets + [len(ids)])
+        # An interrupt inside a forward pass can leave some layers one step ahead.
+        ahead = [c for c in self._layers if getattr(c, "offset", covered) > covered]
+        if any(not c.is_trimmable() for c in ahead):
+            self._layers, self._ids = None, []
+            return
+        for c in ahead:
+            c.trim(c.offset - covered)
+        self._ids = [int(t) for t in ids[:covered]]
+
+    # -- prefill ---------------------------------------------------------------
+    def prefill(self, ids: Sequence[int], progress: bool | Callable[[int, int], None] | None = None) -> int:
+        """Run the model over ``ids`` (in chunks) so later prompts starting with them reuse the work.
+
+        Args:
+            ids: Token ids (e.g. ``lm.encode(long_document)``).
+            progress: ``True`` for a tqdm progress bar, or ``progress(done, total)``.
+
+        Returns:
+            How many tokens were processed (the rest came from the cache).
+        """
+        ids = _check_ids(ids, self.lm.vocab_size)
+        report = progress_bar() if progress is True else (progress or None)
+        if report is not None and not callable(report):
+            raise TypeError(f"progress: expected True, a callable or None, got {type(progress).__name__}")
+        self._check_free()
+        n = self._reuse(ids, len(ids))
+        todo, done = ids[n:], 0
+        try:
+            while done < len(todo):
+                chunk = todo[done : done + self.prefill_step_size]
+                self.lm.model(mx.array(chunk)[None], cache=self._layers)
+                mx.eval([c.state for c in self._layers])  # type: ignore[union-attr]
+                done += len(chunk)
+                if report:
+                    report(done, len(todo))
+        finally:
+            self.commit(ids[: n + done])
+        return len(todo)
+
+    # -- save / load -------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the cache to a ``.safetensors`` file (suffix added if missing); returns the path.
+
+        The metadata holds the model fingerprint, token ids, settings, nbllm
+        version and a checksum, so ``load`` refuses another model's or a damaged file.
+        """
+        from mlx_lm.models.cache import save_prompt_cache
+
+        from . import __version__
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+        self._check_free()
+        if self._layers is None:
+            raise ValueError("save: expected a cache holding tokens, got an empty cache")
+        target = Path(path).expanduser()
+        if target.suffix != ".safetensors":
+            target = target.with_name(target.name + ".safetensors")
+        meta = {
+            "nbllm_format": FORMAT, "nbllm_version": __version__, "model_name": self.lm.name,
+            "model_fingerprint": model_fingerprint(self.lm), "token_ids": json.dumps(self._ids),
+            "settings": json.dumps({"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size}),
+        }
+        # mlx-lm writes the layout, a second pass adds a checksum; then replace the target.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            raw, final = os.path.join(tmp, "raw.safetensors"), os.path.join(tmp, "final.safetensors")
+            save_prompt_cache(raw, self._layers, meta)
+            arrays, flat = _read(raw)
+            flat["0.checksum"] = _checksum(arrays, flat)
+            mx.save_safetensors(final, arrays, flat)
+            os.replace(final, target)
+        return target
+
+    @classmethod
+    def load(cls, lm: "LM", path: str | os.PathLike[str]) -> "PromptCache":
+        """Read a cache written by ``save`` for this model.
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: Not an nbllm prompt cache, damaged, or made with another model.
+        """
+        from mlx_lm.models.cache import load_prompt_cache
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no prompt cache file at {str(path)!r}")
+        try:
+            arrays, flat = _read(str(path))
+        except Exception as err:
+            raise ValueError(f"{path.name} is not a readable safetensors file (corrupt or truncated?): {str(err)[:120]}") from None
+        if flat.get("0.nbllm_format") != FORMAT:
+            raise ValueError(f"{path.name}: expected an nbllm prompt cache ({FORMAT}), got format {flat.get('0.nbllm_format')!r}")
+        if flat.get("0.checksum") != _checksum(arrays, flat):
+            raise ValueError(f"{path.name}: checksum mismatch, the file was modified or damaged; refusing to load it")
+        fingerprint = model_fingerprint(lm)
+        if flat.get("0.model_fingerprint") != fingerprint:
+            raise ValueError(f"{path.name} was made with another model ({flat.get('0.model_name')!r}, fingerprint "
+                             f"{str(flat.get('0.model_fingerprint'))[:12]}); expected {lm.name!r} (fingerprint {fingerprint[:12]})")
+        classes = [v for k, v in flat.items() if k.startswith("1.")]
+        if not set(classes) <= _CLASSES:
+            raise ValueError(f"{path.name}: expected KV cache layers, got classes {sorted(set(classes) - _CLASSES)}")
+        layers, meta = load_prompt_cache(str(path), return_metadata=True)
+        ids, settings, offsets = json.loads(meta["token_ids"]), json.loads(meta["settings"]), {c.offset for c in layers}
+        if len(layers) != len(lm.model.layers) or offsets != {len(ids)}:
+            raise ValueError(f"{path.name}: expected {len(lm.model.layers)} layers covering {len(ids)} tokens, got {len(layers)} covering {sorted(offsets)}")
+        cache = cls(lm, **settings)
+        cache._layers, cache._ids = layers, [int(t) for t in ids]
+        return cache
+
+    # -- internals ---------------------------------------------------------------
+    def _check_free(self) -> None:
+        if self._busy:
+            raise RuntimeError("this PromptCache is in use by a stream that has not finished; iterate it to the end or call its close()")
+
+    def _reuse(self, ids: list[int], limit: int) -> int:
+        """Trim or rebuild so the layers cover ``ids[:n]`` (n <= limit); update stats."""
+        n = min(self.common_prefix(ids), limit)
+        consistent = self._layers is not None and all(getattr(c, "offset", len(self._ids)) == len(self._ids) for c in self._layers)
+        if n == 0 or not consistent:
+            self._layers, n = self._new_layers(), 0
+        elif n < len(self._ids) and not self._trim(len(self._ids) - n):
+            self._stats.rebuilds += 1
+            self._layers, n = self._new_layers(), 0
+        self._ids = ids[:n]
+        s = self._stats
+        s.requests, s.last_reused, s.last_processed = s.requests + 1, n, len(ids) - n
+        s.tokens_reused, s.tokens_processed = s.tokens_reused + n, s.tokens_processed + len(ids) - n
+        return n
+
+    def _trim(self, n: int) -> bool:
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        if self._layers is None or not can_trim_prompt_cache(self._layers):
+            return False
+        trim_prompt_cache(self._layers, n)
+        return True
+
+    def _new_layers(self) -> list[Any]:
+        from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+        layers = make_prompt_cache(self.lm.model, max_kv_size=self.max_kv_size)
+        # Models with their own make_cache ignore max_kv_size: bound every layer here.
+        if self.max_kv_size is not None:
+            size = self.max_kv_size
+            layers = [RotatingKVCache(max_size=size, keep=4) if type(c) is KVCache
+                      else RotatingKVCache(max_size=size, keep=c.keep) if type(c) is RotatingKVCache and c.max_size > size
+                      else c for c in layers]
+        if self.kv_bits is not None:
+            layers = [QuantizedKVCache(group_size=self.kv_group_size, bits=self.kv_bits) if type(c) is KVCache else c for c in layers]
+        return list(layers)
+
+
+def progress_bar(desc: str = "prefill", min_total: int = 0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback drawing a ``tqdm.auto`` bar (one bar per prefill).
+
+    Args:
+        desc: Bar label.
+        min_total: Draw nothing for prefills shorter than this many tokens.
+    """
+    state: dict[str, Any] = {"bar": None}
+
+    def report(done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = state["bar"]
+        if bar is None:
+            if total < max(min_total, 1) or done >= total:
+                return
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="tok", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report
+
+
+def model_fingerprint(lm: "LM") -> str:
+    """A hex digest of the model's config, parameter shapes/dtypes and a sample of its weights."""
+    cached = getattr(lm, "_nbllm_fingerprint", None)
+    if cached:
+        return str(cached)
+    from mlx.utils import tree_flatten
+
+    h = hashlib.sha256(json.dumps(lm.config, sort_keys=True, default=str).encode())
+    params: list[tuple[str, Any]] = sorted(tree_flatten(lm.model.parameters()), key=lambda kv: kv[0])  # type: ignore[arg-type]
+    for name, value in params:
+        h.update(f"{name}:{value.shape}:{value.dtype};".encode())
+    # A slice of a few spread-out tensors tells apart same-shaped models with other weights.
+    for _, value in params[:: max(1, len(params) // 4)]:
+        h.update(_raw_bytes(value.reshape(-1)[:4096]))
+    digest = h.hexdigest()
+    lm._nbllm_fingerprint = digest  # type: ignore[attr-defined]
+    return digest
+
+
+def _read(path: str) -> tuple[dict[str, mx.array], dict[str, str]]:
+    return mx.load(path, return_metadata=True)  # type: ignore[return-value]
+
+
+def _checksum(arrays: dict[str, mx.array], meta: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(meta):
+        if key != "0.checksum":
+            h.update(f"{key}={meta[key]};".encode())
+    for key in sorted(arrays):
+        h.update(f"{key}:{arrays[key].shape}:{arrays[key].dtype};".encode())
+        h.update(_raw_bytes(arrays[key]))
+    return h.hexdigest()
+
+
+def _raw_bytes(a: mx.array) -> bytes:
+    import numpy as np
+
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16; hash the bit pattern
+        a = a.view(mx.uint16)
+    return np.asarray(a).tobytes()
+
+
+def _head_dim(config: dict[str, Any]) -> int | None:
+    cfg = config.get("text_config") or config
+    if cfg.get("head_dim") or not (cfg.get("hidden_size") and cfg.get("num_attention_heads")):
+        return int(cfg["head_dim"]) if cfg.get("head_dim") else None
+    return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+
+
+def _check_ids(ids: Any, vocab_size: int) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+    if not ids:
+        raise ValueError("ids: expected at least one token id, got an empty list")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"ids: expected token ids in [0, {vocab_size}), got {bad[:3]}")
+    return list(ids)
