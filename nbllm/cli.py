@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a model")
     i.add_argument("-m", "--model", default=None)
+
+    lab = sub.add_parser("lab", help="open the teaching notebooks in JupyterLab (or run them with --execute)")
+    lab.add_argument("--dir", default=None, help="notebooks folder (default: notebooks/ of this checkout)")
+    lab.add_argument("--execute", action="store_true", help="run every notebook headless and report")
+    lab.add_argument("--output", default=None, help="with --execute: write executed copies here")
+    lab.add_argument("--timeout", type=int, default=300, help="with --execute: seconds per cell")
+    lab.add_argument("jupyter_args", nargs="*", help="extra arguments for jupyter lab (after --)")
     return p
 
 
@@ -73,11 +80,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .lab import execute_notebook, list_notebooks, notebooks_dir, open_lab
+
+    folder = notebooks_dir(args.dir)
+    if not args.execute:
+        open_lab(folder, args.jupyter_args)
+        return 0
+    notebooks = list_notebooks(folder)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks in {folder}")
+    failed = 0
+    for path in notebooks:
+        run = execute_notebook(path, timeout=args.timeout, output=Path(args.output) if args.output else None)
+        status = "ok" if run.error is None else f"FAILED {run.error}"
+        failed += run.error is not None
+        print(f"{path.name:<40} {run.cells:>3} cells {run.seconds:6.1f} s  {status}", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nbllm`` command."""
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "info": _info}[args.command](args)
+        return {"generate": _generate, "info": _info, "lab": _lab}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:
         print(f"nbllm: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,70 @@
+"""Open the teaching notebooks in JupyterLab, or execute them headless."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["notebooks_dir", "list_notebooks", "execute_notebook", "open_lab", "NotebookRun"]
+
+
+def notebooks_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The teaching notebooks folder: ``path``, or ``notebooks/`` beside the package (a source checkout)."""
+    found = Path(path) if path is not None else Path(__file__).resolve().parent.parent / "notebooks"
+    if not found.is_dir():
+        raise FileNotFoundError(f"no notebooks folder at {found}: expected a source checkout of nbllm, or pass a folder")
+    return found
+
+
+def list_notebooks(folder: Path) -> list[Path]:
+    """Notebooks in ``folder``, in teaching order (by file name)."""
+    return sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith("."))
+
+
+@dataclass
+class NotebookRun:
+    """Result of executing one notebook."""
+
+    path: Path
+    seconds: float
+    cells: int
+    error: str | None = None
+
+
+def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None) -> NotebookRun:
+    """Run every cell of a notebook in a fresh kernel of this Python.
+
+    Args:
+        path: The notebook.
+        timeout: Seconds allowed per cell.
+        output: Where to write the executed copy (default: nowhere; the source is never modified).
+
+    Returns:
+        A ``NotebookRun``; ``error`` holds the failing cell's error name and message.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = f"{err.ename}: {err.evalue}"
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, output / path.name)
+    cells = sum(1 for c in nb.cells if c.cell_type == "code")
+    return NotebookRun(path, time.perf_counter() - start, cells, error)
+
+
+def open_lab(folder: Path, extra: list[str]) -> None:
+    """Replace this process with JupyterLab on ``folder`` (same Python, so the same nbllm)."""
+    args = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}", *extra]
+    os.execv(sys.executable, args)
