@@ -15,6 +15,7 @@ from .sampling import SamplingParams  # noqa: E402
 from .stepper import Stepper  # noqa: E402
 from .structured import Constraint, StructuredOutputError, make_constraint  # noqa: E402
 from .tokens import Alternative, Completion, Stats, Token  # noqa: E402
+from .vision import VisionLM  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "generate",
     "TokenStream",
     "Stepper",
+    "VisionLM",
     "make_constraint",
     "Constraint",
     "StructuredOutputError",

@@ -1,0 +1,242 @@
+"""Tiny random-weight vision-language models built offline, for tests and benchmarks.
+
+Each model is made with mlx-vlm's own architecture classes, a real byte-level
+BPE tokenizer carrying the architecture's special tokens and a chat template
+that renders image parts the way the real checkpoints do, and the image
+processor configuration the real checkpoints ship. Saved in the Hugging Face /
+MLX folder layout, it goes through the real ``nbllm.load`` and
+``mlx_vlm.load`` paths. The weights are random: the text is noise, the
+machinery (image processing, placeholder expansion, merged embeddings, mRoPE,
+sliding-window caches) is real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .fixtures import sample_corpus
+
+__all__ = ["VISION_ARCHITECTURES", "make_vision_model", "make_image"]
+
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Chat templates written for these fixtures; they render {"type": "image"}
+# content parts with each family's image marker, as the real templates do.
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Shapes are tiny; the image-processor configs are the real checkpoints' ones
+# (Qwen2-VL-2B-Instruct, gemma-3-4b-it), so images are resized, normalised and
+# expanded into placeholder tokens exactly as in real use.
+VISION_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "template": _QWEN_TEMPLATE,
+        "config": {
+            "model_type": "qwen2_vl",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "vision_config": {
+                "model_type": "qwen2_vl", "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2,
+                "mlp_ratio": 2, "patch_size": 14, "spatial_patch_size": 14, "spatial_merge_size": 2,
+                "temporal_patch_size": 2, "in_channels": 3,
+            },
+        },
+        "token_ids": {"bos_token_id": "<|endoftext|>", "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                      "vision_start_token_id": "<|vision_start|>"},
+        "files": {
+            "preprocessor_config.json": {
+                "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+                "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+                "rescale_factor": 0.00392156862745098, "resample": 3,
+                "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
+            },
+        },
+    },
+    "gemma3": {
+        "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                     "<end_of_image>", "<image_soft_token>"],
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "pad": "<pad>",
+        "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                 "image_token": "<image_soft_token>"},
+        "stop": ["<eos>", "<end_of_turn>"],
+        "template": _GEMMA_TEMPLATE,
+        "config": {
+            "model_type": "gemma3",
+            "hidden_size": 64,
+            "text_config": {
+                "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
+                "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16,
+                "rms_norm_eps": 1e-6, "sliding_window": 512, "sliding_window_pattern": 2,
+                "max_position_embeddings": 4096, "mm_tokens_per_image": 256,
+                "rope_global_base_freq": 1000000.0, "rope_local_base_freq": 10000.0,
+            },
+            "vision_config": {
+                "model_type": "siglip_vision_model", "num_hidden_layers": 1, "hidden_size": 32,
+                "intermediate_size": 64, "num_attention_heads": 2, "patch_size": 14, "image_size": 896,
+                "layer_norm_eps": 1e-6,
+            },
+        },
+        "token_ids": {"bos_token_id": "<bos>", "image_token_index": "<image_soft_token>", "pad_token_id": "<pad>",
+                      "boi_token_index": "<start_of_image>", "eoi_token_index": "<end_of_image>"},
+        "files": {
+            "preprocessor_config.json": {
+                "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+                "do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
+                "do_pan_and_scan": None, "pan_and_scan_max_num_crops": None,
+                "pan_and_scan_min_crop_size": None, "pan_and_scan_min_ratio_to_activate": None,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2,
+                "rescale_factor": 0.00392156862745098, "size": {"height": 896, "width": 896},
+                "image_seq_length": 256,
+            },
+            "processor_config.json": {"image_seq_length": 256, "processor_class": "Gemma3Processor"},
+        },
+    },
+}
+
+
+def make_image(width: int = 64, height: int = 48, seed: int = 0) -> Any:
+    """A small deterministic RGB test image (smooth gradients plus noise).
+
+    Returns:
+        A ``PIL.Image.Image``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    pixels = (base + rng.integers(0, 60, size=base.shape)).clip(0, 255).astype("uint8")
+    return Image.fromarray(pixels, "RGB")
+
+
+def _build_tokenizer(path: Path, spec: dict[str, Any], vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=spec["specials"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(sample_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"], unk_token=None,
+        extra_special_tokens=spec.get("extra_special_tokens", {}),
+    )
+    fast.chat_template = spec["template"]
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def make_vision_model(
+    path: str | Path,
+    arch: str = "qwen2_vl",
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    dtype: str = "float32",
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Build a tiny random-weight vision-language model folder.
+
+    Args:
+        path: Folder to create (reused if it already holds a model).
+        arch: One of ``VISION_ARCHITECTURES`` (``qwen2_vl``, ``gemma3``).
+        seed: Seed for the random weights.
+        vocab_size: Target BPE vocabulary size.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` for the stored weights.
+        overrides: Extra top-level config fields (e.g. ``max_position_embeddings``).
+
+    Returns:
+        The folder path, loadable by ``nbllm.load`` and ``mlx_vlm.load``.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+
+    if arch not in VISION_ARCHITECTURES:
+        raise ValueError(f"arch: expected one of {sorted(VISION_ARCHITECTURES)}, got {arch!r}")
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    spec = VISION_ARCHITECTURES[arch]
+    tokenizer = _build_tokenizer(path, spec, vocab_size)
+
+    config = json.loads(json.dumps(spec["config"]))
+    config.update(overrides or {})
+    vocab = len(tokenizer)
+    config["vocab_size"] = vocab
+    if "text_config" in config:
+        config["text_config"]["vocab_size"] = vocab
+    for key, token in spec["token_ids"].items():
+        config[key] = tokenizer.convert_tokens_to_ids(token)
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in spec.get("stop", [spec["eos"]])]
+    config["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    for name, content in spec["files"].items():
+        (path / name).write_text(json.dumps(content, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+    # Build the config objects the way mlx_vlm.load_model does.
+    module, _ = get_model_and_args(dict(config))
+    cfg = json.loads(json.dumps(config))
+    for part in ("text_config", "vision_config", "audio_config"):
+        cfg.setdefault(part, {})
+    model_config = module.ModelConfig.from_dict(cfg)
+    model_config = update_module_configs(model_config, module, cfg, ["text", "vision", "perceiver", "projector", "audio"])
+    mx.random.seed(seed)
+    model = module.Model(model_config)
+    weights = dict(tree_flatten(model.parameters()))
+    # Default init gives near-uniform next-token distributions; a larger output
+    # layer makes them peaked and varied, more like a trained model's.
+    for key in [k for k in weights if k.endswith("lm_head.weight")]:
+        weights[key] = weights[key] * 6.0
+    target = getattr(mx, dtype)
+    weights = {k: v.astype(target) for k, v in weights.items()}
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return path
