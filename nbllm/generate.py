@@ -221,6 +221,7 @@ def _run(
                 id=tok, text=piece, piece=piece_of(lm.tokenizer, tok, lm.pieces), logprob=logprob, index=n,
                 top=top, sampled_prob=sampled_prob, forced=bool(constraint is not None and constraint.was_forced(n)),
                 special=is_eos, finish_reason=finish,
+                masked_prob=constraint.masked_prob(n) if constraint is not None else None,
             )
             if finish is not None:
                 break

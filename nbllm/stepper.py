@@ -198,6 +198,7 @@ class Stepper:
             id=token_id, text=text, piece=piece_of(self.lm.tokenizer, token_id, self.lm.pieces), logprob=logprob,
             index=len(self.tokens), top=top, sampled_prob=sampled_prob, forced=forced, special=is_eos,
             finish_reason="stop" if is_eos else None,
+            masked_prob=self.constraint.masked_prob(len(self.tokens)) if self.constraint is not None else None,
         )
         self.tokens.append(token)
         self.text += text

@@ -53,6 +53,8 @@ class Token:
         special: True for the end-of-sequence token (never part of ``text``).
         finish_reason: ``None`` except on the last record: ``stop`` (EOS or a
             finished constraint), ``length``, ``stop_string`` or ``cancelled``.
+        masked_prob: With a constraint, the model probability the mask removed
+            at this step (0 = the model only wanted allowed tokens); else ``None``.
     """
 
     id: int
@@ -65,6 +67,7 @@ class Token:
     forced: bool = False
     special: bool = False
     finish_reason: str | None = None
+    masked_prob: float | None = None
 
     @property
     def prob(self) -> float:
