@@ -1,8 +1,9 @@
-"""Images in, RGB ``PIL.Image`` out: the one place nbllm reads pictures.
+"""Images in prompts: reading image sources and placing them in chat messages.
 
-Accepts what people have at hand in a notebook (a path, a URL, a PIL image,
-a numpy array, raw bytes) and turns every failure into a one-line error that
-says what was expected and what was given.
+``load_image`` accepts what people have at hand in a notebook (a path, a URL,
+a PIL image, a numpy array, raw bytes) and turns every failure into a one-line
+error that says what was expected and what was given. ``format_messages``
+puts images into chat messages the way mlx-vlm formats each architecture.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_image", "image_digest", "describe_source", "as_list", "parse_content", "text_of"]
+__all__ = ["load_image", "image_digest", "describe_source", "as_list", "parse_content", "text_of", "format_messages",
+           "drop_images", "MissingImages"]
 
 _URL_TIMEOUT = 10.0
 
@@ -185,6 +187,74 @@ def text_of(parts: list[dict[str, Any]]) -> str:
 
 
 def as_list(images: Any) -> list[Any]:
+    """``None`` -> ``[]``, one image -> ``[image]``, a list or tuple -> a list."""
     if images is None:
         return []
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+class MissingImages(Exception):
+    """Image parts in chat messages still waiting for their images."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.count = count
+
+
+def drop_images(content: Any) -> Any:
+    """Message content without its image parts."""
+    if not isinstance(content, (list, tuple)):
+        return content
+    return [p for p in content if not (isinstance(p, dict) and p.get("type") in ("image", "image_url", "input_image"))]
+
+
+def format_messages(model_type: str, messages: list[dict[str, Any]], extra: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Chat messages in mlx-vlm's per-model format, and the image sources in placeholder order.
+
+    Image parts in the messages stay where they are (a part without an image
+    takes the next of ``extra``); otherwise ``extra`` images go into the first
+    user message, so a conversation's earlier turns render the same every turn.
+
+    Args:
+        model_type: The mlx-vlm architecture (decides where image markers go).
+        messages: ``{"role", "content"}`` dicts; content is text or a list of parts.
+        extra: Image sources given with ``images=``.
+
+    Returns:
+        The formatted messages (for the chat template) and the image sources.
+
+    Raises:
+        MissingImages: Image parts without an image and no ``extra`` to fill them.
+    """
+    from mlx_vlm.prompt_utils import MODEL_CONFIG, get_message_json
+
+    parsed = [parse_content(m) for m in messages]
+    n_parts = sum(len(srcs) for _, srcs in parsed)
+    if n_parts:
+        blanks = [i for _, srcs in parsed for i, s in enumerate(srcs) if s is None]
+        if blanks and not extra:  # images may still come with prepare_inputs(ids, images)
+            raise MissingImages(len(blanks))
+        if len(blanks) != len(extra):
+            raise ValueError(f"images: the messages have {len(blanks)} image part(s) without an image, expected as many images=, got {len(extra)}")
+        fill = iter(extra)
+        parsed = [(c, [next(fill) if s is None else s for s in srcs]) for c, srcs in parsed]
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if extra and not n_parts:
+        if first_user is None:
+            raise ValueError("images: expected a user message to attach the images to, got none")
+        content, _ = parsed[first_user]
+        parsed[first_user] = (content, list(extra))
+    if any(srcs for _, srcs in parsed) and model_type not in MODEL_CONFIG:
+        raise ValueError(f"images: mlx-vlm has no prompt format for {model_type!r}")
+    formatted: list[Any] = []
+    sources: list[Any] = []
+    for message, (content, srcs) in zip(messages, parsed):
+        role = message.get("role", "user")
+        if srcs and role != "user":
+            raise ValueError(f"images: only user messages can hold images, got one in a {role!r} message")
+        sources += srcs
+        if model_type not in MODEL_CONFIG:
+            formatted.append({**message, "content": content if isinstance(content, str) else text_of(content)})
+            continue
+        formatted.append(get_message_json(model_type, content, role, skip_image_token=not srcs, num_images=0 if n_parts else len(srcs)))
+    return formatted, sources

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .images import as_list, image_digest, load_image, parse_content, text_of
+from .images import MissingImages, as_list, drop_images, format_messages, image_digest, load_image
 from .model import LM, _cast, _is_messages
 from .vision_adapter import LanguageAdapter, image_token_ids, int_list
 
@@ -51,6 +51,7 @@ class _Vision:
     images: list[Any] = field(default_factory=list)  # decoded PIL images, in placeholder order
     digests: tuple[str, ...] = ()
     inputs: dict[str, Any] = field(default_factory=dict)  # processor outputs (pixel_values, grids, ...)
+    missing: int = 0  # image parts in the messages still waiting for images=
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class VisionLM(LM):
             if isinstance(ids, _Prompt):
                 ids.vision = fresh.vision
             vision = fresh.vision
+        elif vision is not None and vision.missing:
+            raise ValueError(f"images: the messages have {vision.missing} image part(s) without an image, expected as many images=, got 0")
         return self._embed(list(ids), vision)
 
     # -- internals: text + images -> ids -------------------------------------
@@ -190,44 +193,19 @@ class VisionLM(LM):
             raise TypeError(f"prompt: expected str, list of token ids or list of chat messages, got {type(prompt).__name__}")
         if system is not None:
             messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
-        formatted, sources = self._format(messages, extra)
+        try:
+            formatted, sources = format_messages(self.model_type, messages, extra)
+            missing = 0
+        except MissingImages as err:
+            missing = err.count
+            formatted, sources = format_messages(self.model_type, [{**m, "content": drop_images(m.get("content"))} for m in messages], [])
         images = self._load(sources)
         with _quiet_transformers():
             text = get_chat_template(self.processor, formatted, add_generation_prompt=True)
-        return self._tokenize(text, images, (prompt, system, raw), None)
-
-    def _format(self, messages: list[dict[str, Any]], extra: list[Any]) -> tuple[list[Any], list[Any]]:
-        """Messages in mlx-vlm's per-model format, and the image sources in order."""
-        from mlx_vlm.prompt_utils import MODEL_CONFIG, get_message_json
-
-        parsed = [parse_content(m) for m in messages]
-        n_parts = sum(len(srcs) for _, srcs in parsed)
-        if n_parts:
-            blanks = [i for _, srcs in parsed for i, s in enumerate(srcs) if s is None]
-            if len(blanks) != len(extra):
-                raise ValueError(f"images: the messages have {len(blanks)} image part(s) without an image, expected as many images=, got {len(extra)}")
-            fill = iter(extra)
-            parsed = [(c, [next(fill) if s is None else s for s in srcs]) for c, srcs in parsed]
-        first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-        if extra and not n_parts:
-            if first_user is None:
-                raise ValueError("images: expected a user message to attach the images to, got none")
-            content, _ = parsed[first_user]
-            parsed[first_user] = (content, list(extra))
-        if any(srcs for _, srcs in parsed) and self.model_type not in MODEL_CONFIG:
-            raise ValueError(f"images: mlx-vlm has no prompt format for {self.model_type!r}")
-        formatted: list[Any] = []
-        sources: list[Any] = []
-        for message, (content, srcs) in zip(messages, parsed):
-            role = message.get("role", "user")
-            if srcs and role != "user":
-                raise ValueError(f"images: only user messages can hold images, got one in a {role!r} message")
-            sources += srcs
-            if self.model_type not in MODEL_CONFIG:
-                formatted.append({**message, "content": content if isinstance(content, str) else text_of(content)})
-                continue
-            formatted.append(get_message_json(self.model_type, content, role, skip_image_token=not srcs, num_images=0 if n_parts else len(srcs)))
-        return formatted, sources
+        ids = self._tokenize(text, images, (prompt, system, raw), None)
+        if ids.vision is not None:
+            ids.vision.missing = missing
+        return ids
 
     def _load(self, sources: list[Any]) -> list[Any]:
         if self.max_images is not None and len(sources) > self.max_images:
@@ -255,20 +233,27 @@ class VisionLM(LM):
         return ids
 
     def _attach(self, ids: list[int], extra: list[Any]) -> _Prompt:
-        """Token ids that already hold expanded placeholders, plus their images."""
+        """Token ids plus images: placeholders already expanded, or one marker token per image to expand."""
         prompt = _Prompt(ids)
         prompt.vision = _Vision(None)
         if not extra:
             return prompt
-        pixels = self._tokenize(self.image_marker * len(extra), self._load(extra), None, False)
+        images = self._load(extra)
+        joint = self._tokenize(self.image_marker * len(images), images, None, False)
         placeholder = image_token_ids(self.vlm.config)
-        need = sum(t in placeholder for t in pixels)
-        have = sum(t in placeholder for t in ids)
+        need, have = sum(t in placeholder for t in joint), sum(t in placeholder for t in ids)
         if have != need:
-            raise ValueError(f"prompt: token ids hold {have} image token(s), the {len(extra)} image(s) need {need}; build them with lm.encode(prompt, images=...)")
-        assert pixels.vision is not None
-        pixels.vision.inputs["attention_mask"] = mx.ones((1, len(ids)), dtype=mx.int32)  # the mask of these ids, not the marker's
-        prompt.vision = pixels.vision
+            marker = self.tokenizer.convert_tokens_to_ids(self.image_marker)
+            spots = [i for i, t in enumerate(ids) if t == marker]
+            if len(spots) != len(images):
+                raise ValueError(f"prompt: expected token ids with one {self.image_marker!r} per image or {need} image tokens "
+                                 f"for {len(images)} image(s), got {len(spots)} and {have}; build them with lm.encode(prompt, images=...)")
+            for spot, image in reversed(list(zip(spots, images))):  # expand each marker as the processor does
+                ids = ids[:spot] + list(self._tokenize(self.image_marker, [image], None, False)) + ids[spot + 1 :]
+            prompt[:] = ids
+        assert joint.vision is not None
+        joint.vision.inputs["attention_mask"] = mx.ones((1, len(ids)), dtype=mx.int32)  # these ids' mask, not the marker's
+        prompt.vision = joint.vision
         return prompt
 
     # -- internals: ids + images -> embeddings -------------------------------

@@ -170,6 +170,22 @@ def test_images_inside_chat_messages(vlm: VisionLM, vision_dir: Path) -> None:
     assert ref == [t.id for t in vlm.stream([{"role": "user", "content": parts}], max_tokens=6)]
 
 
+def test_token_ids_with_one_marker_per_image_are_expanded(vlm: VisionLM, vision_dir: Path) -> None:
+    # What a plain tokenizer makes of a chat template with image parts (as a
+    # chat session that builds its own ids would): one marker token per image.
+    imgs = [str(vision_dir / "a.png"), str(vision_dir / "b.png")]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}, {"type": "image"}]}]
+    text = vlm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = vlm.tokenizer.encode(text, add_special_tokens=False)
+    full = vlm.encode(msgs, images=imgs)
+    assert len(ids) < len(full)
+    ts = vlm.stream(ids, images=imgs, max_tokens=6)
+    assert ts.prompt_ids == full
+    assert [t.id for t in ts] == [t.id for t in vlm.stream(msgs, images=imgs, max_tokens=6)]
+    with pytest.raises(ValueError, match="one .* per image"):
+        vlm.stream(ids, images=imgs[:1])
+
+
 def test_interleaved_streams_keep_their_own_images(vlm: VisionLM, vision_dir: Path) -> None:
     # Transposed sizes: the same number of image tokens (same ids) but, for
     # Qwen2-VL, different 2D positions; each stream must keep its own.
