@@ -17,13 +17,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    make_logits_processors,
-    make_sampler,
-)
 
 __all__ = ["SamplingParams", "LogitsProcessor", "make_processors", "make_token_sampler", "sampled_logprobs"]
 
@@ -95,6 +88,8 @@ def _check(value: Any, name: str, lo: float, hi: float, expected: str, open_low:
 
 def make_token_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     """Return mlx-lm's sampler for these settings (a closure: logprobs -> token)."""
+    from mlx_lm.sample_utils import make_sampler
+
     return make_sampler(
         temp=params.temperature,
         top_p=params.top_p if params.top_p < 1.0 else 0.0,
@@ -140,6 +135,8 @@ def make_processors(
     Returns:
         A list of ``processor(tokens, logits) -> logits`` closures.
     """
+    from mlx_lm.sample_utils import make_logits_processors
+
     bias = resolve_logit_bias(params.logit_bias, tokenizer, vocab_size) if params.logit_bias else None
     procs = make_logits_processors(
         logit_bias=bias,
@@ -175,6 +172,8 @@ def sampled_logprobs(logprobs: mx.array, params: SamplingParams) -> mx.array:
         logprobs: Model log-probabilities after logits processors, shape ``(..., vocab)``.
         params: The sampling settings.
     """
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
     if params.greedy:
         hot = mx.argmax(logprobs, axis=-1, keepdims=True)
         ids = mx.arange(logprobs.shape[-1])
