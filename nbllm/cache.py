@@ -40,8 +40,7 @@ class CacheStats:
         last_reused: Prompt tokens reused by the last request.
         last_processed: Prompt tokens run by the last request.
         requests: Prompts served.
-        rebuilds: Times reusable tokens were lost because a layer could not be
-            trimmed (a rotating or sliding-window layer past its window).
+        rebuilds: Times reusable tokens were lost to a layer that cannot be trimmed (rotating, past its window).
     """
 
     tokens_held: int = 0
@@ -118,9 +117,6 @@ class PromptCache:
         s.tokens_held, s.bytes_held = len(self._ids), sum(int(c.nbytes) for c in self._layers or [])
         return CacheStats(**vars(s))
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
     def __repr__(self) -> str:
         s = self.stats
         return f"PromptCache({self.lm.name!r}, {s.tokens_held} tokens, {s.bytes_held / 1e6:.1f} MB, reuse {s.reuse_rate:.0%})"
@@ -128,6 +124,11 @@ class PromptCache:
     def common_prefix(self, ids: Sequence[int]) -> int:
         """How many leading ids of ``ids`` the cache already covers."""
         return next((i for i, (a, b) in enumerate(zip(self._ids, ids)) if a != b), min(len(self._ids), len(ids)))
+
+    @property
+    def busy(self) -> bool:
+        """True while a stream is using the layers (between ``prepare`` and ``commit``)."""
+        return self._busy
 
     def clear(self) -> None:
         """Drop every cached token and free the layers."""
@@ -173,7 +174,6 @@ class PromptCache:
             c.trim(c.offset - covered)
         self._ids = [int(t) for t in ids[:covered]]
 
-    # -- prefill ---------------------------------------------------------------
     def prefill(self, ids: Sequence[int], progress: bool | Callable[[int, int], None] | None = None) -> int:
         """Run the model over ``ids`` (in chunks) so later prompts starting with them reuse the work.
 
@@ -317,11 +317,9 @@ class PromptCache:
 
 
 def progress_bar(desc: str = "prefill", min_total: int = 0) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback drawing a ``tqdm.auto`` bar (one bar per prefill).
+    """A ``progress(done, total)`` callback drawing a ``tqdm.auto`` bar labelled ``desc``.
 
-    Args:
-        desc: Bar label.
-        min_total: Draw nothing for prefills shorter than this many tokens.
+    One bar per prefill; prefills shorter than ``min_total`` tokens draw nothing.
     """
     state: dict[str, Any] = {"bar": None}
 
@@ -384,9 +382,8 @@ def _raw_bytes(a: mx.array) -> bytes:
 
 def _head_dim(config: dict[str, Any]) -> int | None:
     cfg = config.get("text_config") or config
-    if cfg.get("head_dim") or not (cfg.get("hidden_size") and cfg.get("num_attention_heads")):
-        return int(cfg["head_dim"]) if cfg.get("head_dim") else None
-    return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    heads = cfg.get("num_attention_heads")
+    return int(cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads if heads else 0)) or None
 
 
 def _check_ids(ids: Any, vocab_size: int) -> list[int]:

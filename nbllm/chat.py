@@ -162,7 +162,7 @@ class Chat:
         self.lm, self.progress = lm, bool(progress)
         self.system = system
         self.settings = settings
-        self.cache = prompt_cache or PromptCache(lm, max_kv_size=max_kv_size, kv_bits=kv_bits)
+        self.cache = prompt_cache if prompt_cache is not None else PromptCache(lm, max_kv_size=max_kv_size, kv_bits=kv_bits)
         self._messages = self._parse_history(history or [])
         self._pending: ChatReply | None = None
         self._last: TurnStats | None = None
@@ -238,9 +238,6 @@ class Chat:
         """Figures for the last finished reply, including cache reuse."""
         return self._last
 
-    def __len__(self) -> int:
-        return len(self._messages)
-
     def __repr__(self) -> str:
         return f"Chat({self.lm.name!r}, {len(self._messages)} messages, {self.cache!r})"
 
@@ -275,12 +272,14 @@ class Chat:
         ids = self._prompt_ids(base + [user], generation=True)
         progress = progress_bar(min_total=512) if self.progress else None
         ts = stream(self.lm, ids, prompt_cache=self.cache, progress=progress, **{**self.settings, **overrides})
-        self._pending = ChatReply(self, ts, list(base), user, len(self.cache))
+        self._pending = ChatReply(self, ts, list(base), user, len(self.cache.ids))
         return self._pending
 
     def _settle(self) -> None:
         if self._pending is not None:
             self._pending.close()
+        if self.cache.busy:  # shared with a stream that is still running
+            raise RuntimeError("the chat's PromptCache is in use by another stream; finish or close it first")
 
     def _settle_reply(self, reply: ChatReply) -> None:
         if self._pending is reply:
@@ -289,9 +288,7 @@ class Chat:
             return
         content = reply.text
         ids = [t.id for t in reply.tokens if not t.special]
-        decoded = self.lm.decode(ids)
-        # mlx-lm's streaming detokenizer drops one leading space of a reply.
-        same = decoded == content or (decoded[:1] == " " and decoded[1:] == content)
+        same = _same_text(self.lm.decode(ids), content)
         self._messages = reply._base + [reply._user, _Message("assistant", content, tuple(ids) if same else None)]
         stats = reply.stats
         self._last = TurnStats(**asdict(stats), context_tokens=reply._context,
@@ -345,7 +342,9 @@ class Chat:
             if ids is not None and (role != "assistant" or not isinstance(ids, list)
                                     or not all(isinstance(t, int) and 0 <= t < self.lm.vocab_size for t in ids)):
                 raise ValueError(f"history[{i}]: expected token_ids only on assistant messages, as ids in [0, {self.lm.vocab_size})")
-            out.append(_Message(role, m["content"], tuple(ids) if ids is not None else None))
+            # Ids from another tokenizer would not spell the text: fall back to the text.
+            keep = ids is not None and _same_text(self.lm.decode(ids), m["content"])
+            out.append(_Message(role, m["content"], tuple(ids) if ids is not None and keep else None))
         if len(out) % 2:
             raise ValueError(f"history: expected complete user/assistant exchanges, got {len(out)} messages")
         return out
@@ -356,6 +355,11 @@ class Chat:
         SamplingParams.from_kwargs(rest)
         if set(rest) - _SETTINGS:
             raise TypeError(f"unexpected setting(s): {', '.join(sorted(set(rest) - _SETTINGS))}")
+
+
+def _same_text(decoded: str, content: str) -> bool:
+    # mlx-lm's streaming detokenizer drops one leading space of a reply.
+    return decoded == content or (decoded[:1] == " " and decoded[1:] == content)
 
 
 def _as_dict(m: _Message) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def test_reuses_the_longest_prefix_and_matches_a_cold_run(any_lm: nbllm.LM) -> N
     assert ids_of(warm) == ids_of(any_lm.generate(follow, max_tokens=12))
     s = pc.stats
     assert (s.last_reused, s.last_processed, s.requests) == (len(held), len(follow) - len(held), 2)
-    assert s.tokens_held == len(pc) and s.bytes_held > 0
+    assert s.tokens_held == len(pc.ids) and s.bytes_held > 0
 
 
 def test_a_fully_cached_prompt_feeds_its_last_token_again(lm: nbllm.LM) -> None:
@@ -106,7 +106,7 @@ def test_max_kv_size_bounds_memory(any_lm: nbllm.LM) -> None:
         got = any_lm.generate(ids, max_tokens=16, prompt_cache=pc)
         ids = pc.ids + any_lm.encode(f" turn {turn} with a few more words", raw=True)
         sizes.append(pc.stats.bytes_held)
-    assert len(pc) > 150 and got.stats.cached_tokens > 0
+    assert len(pc.ids) > 150 and got.stats.cached_tokens > 0
     assert max(sizes[3:]) == max(sizes[:4])  # stopped growing once the window was full
 
 

@@ -97,12 +97,12 @@ def test_undo_drops_the_last_exchange_and_rewinds_the_cache(any_lm: nbllm.LM) ->
     chat = Chat(any_lm, SYSTEM, max_tokens=12)
     talk(chat, TURNS[:2])
     before = chat.history
-    held = len(chat.cache)
+    held = len(chat.cache.ids)
     chat.send(TURNS[2]).completion()
     user, reply = chat.undo()
     assert user == {"role": "user", "content": TURNS[2]} and reply["role"] == "assistant"
     # The cache is back to the remaining history (plus at most its closing "<|im_end|>\n").
-    assert chat.history == before and held <= len(chat.cache) <= held + 2
+    assert chat.history == before and held <= len(chat.cache.ids) <= held + 2
     rewound = chat.cache.ids
     same_history = fresh(chat)
     reply = chat.send("Another question?")
@@ -212,6 +212,22 @@ def test_a_long_prefill_shows_a_progress_bar(lm: nbllm.LM, capsys: pytest.Captur
     assert "prefill" not in capsys.readouterr().err
 
 
+def test_a_cache_shared_with_a_running_stream_is_not_touched(lm: nbllm.LM) -> None:
+    pc = nbllm.PromptCache(lm)
+    chat = Chat(lm, SYSTEM, prompt_cache=pc, max_tokens=6)
+    talk(chat, TURNS[:1])
+    other = lm.stream("Elsewhere", max_tokens=20, prompt_cache=pc)
+    next(other)
+    snapshot = chat.to_json()
+    for call in (chat.undo, chat.reset, lambda: chat.send("hi"), lambda: chat.edit(0, "x")):
+        with pytest.raises(RuntimeError, match="in use by another stream"):
+            call()
+        assert chat.to_json() == snapshot
+    other.close()
+    chat.undo()
+    assert chat.history == []
+
+
 def test_export_to_json_and_markdown(lm: nbllm.LM) -> None:
     chat = Chat(lm, SYSTEM, max_tokens=6)
     talk(chat, TURNS[:2])
@@ -220,6 +236,12 @@ def test_export_to_json_and_markdown(lm: nbllm.LM) -> None:
     assert all("token_ids" in m for m in data["messages"][1::2])
     again = Chat.from_json(lm, chat.to_json())
     assert again.history == chat.history and again.system == SYSTEM
+    # Token ids that do not spell the message (another tokenizer's) are ignored: the text is used.
+    data["messages"][1]["token_ids"] = [7] * 5
+    foreign = Chat.from_json(lm, json.dumps(data))
+    del data["messages"][1]["token_ids"]
+    text_only = Chat.from_json(lm, json.dumps(data))
+    assert foreign.send("Next").prompt_ids == text_only.send("Next").prompt_ids
     md = chat.to_markdown()
     assert md.startswith(f"**System:** {SYSTEM}") and "### User\n\nHello there!" in md and "### Assistant" in md
 
