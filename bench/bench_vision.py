@@ -109,7 +109,7 @@ def first_token_times(path: Path, image: Path, repeats: int) -> dict[str, Any]:
         return dt, ts.stats.prompt_tokens, ts.stats.cached_tokens
 
     warm, cold, features_only = [], [], []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first round warms up (allocations, first-call costs) and is dropped
         cache.trim_to(held)  # the chat as it was after turn 1
         warm.append(ttft(cache))
         lm.clear_image_cache()
@@ -117,6 +117,7 @@ def first_token_times(path: Path, image: Path, repeats: int) -> dict[str, Any]:
         cache.trim_to(held)
         lm.clear_image_cache()
         features_only.append(ttft(cache))  # prompt cache warm, vision tower re-run
+    warm, cold, features_only = warm[1:], cold[1:], features_only[1:]
     return {"warm": statistics.median(w[0] for w in warm), "cold": statistics.median(c[0] for c in cold),
             "cache_only": statistics.median(f[0] for f in features_only),
             "prompt_tokens": warm[0][1], "cached_tokens": warm[0][2]}

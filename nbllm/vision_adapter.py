@@ -58,10 +58,26 @@ class LanguageAdapter(nn.Module):
         return list(self.vlm.language_model.layers)
 
     def make_cache(self) -> list[Any]:
-        """mlx-vlm's cache layers for this language model (what ``make_prompt_cache`` returns)."""
-        from mlx_vlm.models.cache import make_prompt_cache
+        """The language model's cache layout, as mlx-lm cache layers (what ``make_prompt_cache`` returns).
 
-        return make_prompt_cache(self.vlm.language_model)
+        mlx-vlm's own KV classes store a different state layout, so mlx-lm's
+        ``save_prompt_cache``/``load_prompt_cache`` (and nbllm's PromptCache)
+        could not round-trip them; the plain and rotating KV caches are swapped
+        for mlx-lm's equivalents, anything else is kept as mlx-vlm made it.
+        """
+        from mlx_lm.models import cache as lm_cache
+        from mlx_vlm.models import cache as vlm_cache
+
+        layers = vlm_cache.make_prompt_cache(self.vlm.language_model)
+        out: list[Any] = []
+        for c in layers:
+            if type(c) is vlm_cache.KVCache:
+                out.append(lm_cache.KVCache())
+            elif type(c) is vlm_cache.RotatingKVCache:
+                out.append(lm_cache.RotatingKVCache(max_size=c.max_size, keep=c.keep))
+            else:
+                out.append(c)
+        return out
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None, input_embeddings: mx.array | None = None) -> mx.array:
         """Logits ``(1, L, vocab)`` for ``inputs`` ``(1, L)`` (or their ``input_embeddings``)."""

@@ -158,6 +158,18 @@ def test_followup_reuses_prompt_cache_and_image_features(vlm: VisionLM, vision_d
     assert vlm.image_cache.misses == misses + 1
 
 
+def test_saved_prompt_cache_serves_a_followup(vlm: VisionLM, vision_dir: Path, tmp_path: Path) -> None:
+    img = vision_dir / "a.png"
+    cache = PromptCache(vlm)
+    turn1 = [{"role": "user", "content": "What is this?"}]
+    first = vlm.generate(turn1, images=img, max_tokens=6, prompt_cache=cache)
+    loaded = PromptCache.load(vlm, cache.save(tmp_path / "chat"))  # mlx-lm's cache file format
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "More?"}]
+    warm = vlm.generate(turn2, images=img, max_tokens=6, prompt_cache=loaded)
+    assert warm.stats.cached_tokens > 0
+    assert [t.id for t in warm.tokens] == [t.id for t in vlm.generate(turn2, images=img, max_tokens=6).tokens]
+
+
 def test_images_inside_chat_messages(vlm: VisionLM, vision_dir: Path) -> None:
     img = str(vision_dir / "a.png")
     side = vlm.encode([{"role": "user", "content": QUESTION}], images=img)
