@@ -92,6 +92,41 @@ VISION_ARCHITECTURES: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # Qwen3-VL feeds deepstack visual features into early decoder layers at
+    # every step; nbllm refuses it by name (it needs mlx-vlm's own loop).
+    "qwen3_vl": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "template": _QWEN_TEMPLATE,
+        "config": {
+            "model_type": "qwen3_vl",
+            "text_config": {
+                "model_type": "qwen3_vl_text", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+                "rope_theta": 5000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+                "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            },
+            "vision_config": {
+                "model_type": "qwen3_vl", "depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
+                "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+                "num_position_embeddings": 2304, "deepstack_visual_indexes": [0],
+            },
+        },
+        "token_ids": {"bos_token_id": "<|endoftext|>", "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                      "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+        "files": {
+            "preprocessor_config.json": {
+                "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+                "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+                "rescale_factor": 0.00392156862745098, "resample": 3,
+                "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            },
+        },
+    },
     "gemma3": {
         "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                      "<end_of_image>", "<image_soft_token>"],
@@ -186,7 +221,7 @@ def make_vision_model(
 
     Args:
         path: Folder to create (reused if it already holds a model).
-        arch: One of ``VISION_ARCHITECTURES`` (``qwen2_vl``, ``gemma3``).
+        arch: One of ``VISION_ARCHITECTURES`` (``qwen2_vl``, ``gemma3``, ``qwen3_vl``).
         seed: Seed for the random weights.
         vocab_size: Target BPE vocabulary size.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the stored weights.

@@ -10,9 +10,10 @@ and prompt-cache reuse work for images exactly as for text.
 
 Image features are cached per image content hash, so a follow-up question
 about the same picture skips the vision tower. Architectures whose language
-model needs more than embeddings (and mRoPE positions) per step, e.g. Qwen3-VL
-(deepstack features), Gemma 3n (per-layer inputs) or Llama 3.2 Vision (cross
-attention), need mlx-vlm's own loop; ``prepare_inputs`` says so by name.
+model needs more than embeddings (and mRoPE positions) at every step need
+mlx-vlm's own loop, and ``prepare_inputs`` says so by name: Qwen3-VL (deepstack
+visual features), Gemma 3n (per-layer inputs), Llama 3.2 Vision (cross
+attention), Falcon-OCR (a 4D attention mask), encoder-decoders like Florence-2.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class VisionLM(LM):
         self._features: OrderedDict[tuple[str, ...], mx.array] = OrderedDict()
         self._splice_ok: bool | None = None  # can cached image rows be spliced into text embeddings?
         self._hits = self._misses = 0
+        self._reads_4d_mask = _source_mentions(type(vlm.language_model), "attention_mask_4d")  # e.g. Falcon-OCR
         text_cfg = config.get("text_config") or {}
         ctx = config.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
         self._context = int(ctx) if ctx else None
@@ -272,7 +274,8 @@ class VisionLM(LM):
             if pixels is None:
                 raise ValueError("images: the processor produced no pixel values for these images")
             out = self._merge(input_ids, pixels, mask, inputs, key)
-        extras = sorted(k for k, v in out.to_dict().items() if v is not None and k not in _HANDLED)
+        handled = _HANDLED - {"attention_mask_4d"} if self._reads_4d_mask else _HANDLED
+        extras = sorted(k for k, v in out.to_dict().items() if v is not None and k not in handled)
         if extras:
             raise NotImplementedError(
                 f"{self.model_type}: its language model needs {', '.join(extras)} at every step, which mlx-lm's "
@@ -321,6 +324,15 @@ class VisionLM(LM):
             while len(self._features) > _FEATURE_CACHE_SIZE:
                 self._features.popitem(last=False)
         return out
+
+
+def _source_mentions(cls: type, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 Two tiny random-weight mlx-vlm architectures with their real image-processor
 configs: Qwen2-VL (mRoPE positions, dynamic image size) and Gemma 3 (SigLIP at
-896 px, 256 tokens per image, sliding-window cache).
+896 px, 256 tokens per image, sliding-window cache); plus Qwen3-VL, which needs
+mlx-vlm's own loop and is refused by name.
 """
 
 from __future__ import annotations
@@ -308,6 +309,13 @@ def test_raw_prompt_with_markers(qwen: VisionLM, vision_dir: Path) -> None:
     ids = qwen.encode(text, raw=True, images=vision_dir / "a.png")
     assert sum(t in qwen.model.image_ids for t in ids) > 1
     assert len(list(qwen.stream(text, raw=True, images=vision_dir / "a.png", max_tokens=3))) == 3
+
+
+def test_architecture_needing_mlx_vlms_own_loop_is_refused_by_name(vision_dir: Path, tmp_path: Path) -> None:
+    lm = nbllm.load(make_vision_model(tmp_path / "qwen3_vl", "qwen3_vl"))
+    with pytest.raises(NotImplementedError, match="deepstack_visual_embeds.*mlx_vlm.generate"):
+        lm.stream(QUESTION, images=vision_dir / "a.png")
+    assert len(lm.generate(QUESTION, max_tokens=3).tokens) >= 1  # text prompts still work
 
 
 def _flat(tree: Any) -> list[tuple[str, mx.array]]:
