@@ -167,6 +167,9 @@ def _run(
     from mlx_lm.models.cache import make_prompt_cache
 
     tic = time.perf_counter()
+    if constraint is not None:  # before prepare(): nothing may fail between prepare() and the commit() below
+        constraint.reset()
+        extra = extra + [constraint.processor]
     reusable = hasattr(prompt_cache, "prepare")
     if reusable:
         layers, reused = prompt_cache.prepare(ids)
@@ -177,9 +180,6 @@ def _run(
     feed = mx.array(ids[reused:])
     if embeddings is not None:
         embeddings = embeddings[reused:]
-    if constraint is not None:
-        constraint.reset()
-        extra = extra + [constraint.processor]
     procs = make_processors(params, lm.tokenizer, lm.vocab_size, context_prefix=ids[:reused], extra=extra)
     if params.seed is not None:
         mx.random.seed(params.seed)
