@@ -121,7 +121,7 @@ class LLMMagics(Magics):
     @argument("--step", action="store_true", help="open the stepper instead of running")
     @argument("-o", "--output", metavar="VAR", help="store the Completion (the Stepper with --step) in VAR")
     @argument("-h", "--help", action="store_true", help="show this help")
-    @cell_magic("llm")
+    @cell_magic("llm")  # type: ignore[arg-type]  # IPython types the named form loosely
     def llm_cell(self, line: str, cell: str) -> None:
         """Run the cell body as a prompt and stream the reply into the output.
 
@@ -185,7 +185,7 @@ class LLMMagics(Magics):
             raw=args.raw, images=args.image, **options,
         ))
         if args.output:
-            self.shell.user_ns[args.output] = stepper
+            self._ns[args.output] = stepper
         self._display(StepperWidget(stepper))
 
     def _show(self, ts: Any, view: Any, args: Any) -> None:
@@ -205,7 +205,7 @@ class LLMMagics(Magics):
                 handle.update(view)  # refresh the HTML fallback kept in the saved notebook
         self.last = completion
         if args.output:
-            self.shell.user_ns[args.output] = completion
+            self._ns[args.output] = completion
         if error is not None:
             _user_errors(lambda: _raise(error))
 
@@ -242,9 +242,9 @@ class LLMMagics(Magics):
         if len(given) > 1:
             raise UsageError(f"expected at most one of --schema/--json/--regex/--choices, got {', '.join('--' + g for g in given)}")
         if args.schema:
-            if args.schema not in self.shell.user_ns:
+            if args.schema not in self._ns:
                 raise UsageError(f"--schema: expected the name of a variable holding a Pydantic class or JSON Schema, no variable {args.schema!r}")
-            options["schema"] = self.shell.user_ns[args.schema]
+            options["schema"] = self._ns[args.schema]
         elif args.json:
             options["json"] = True
         elif args.regex:
@@ -252,6 +252,11 @@ class LLMMagics(Magics):
         elif args.choices:
             options["choices"] = [c.strip() for c in args.choices.split(",") if c.strip()]
         return options
+
+    @property
+    def _ns(self) -> dict[str, Any]:
+        assert self.shell is not None, "LLMMagics needs an IPython shell"
+        return self.shell.user_ns  # type: ignore[no-any-return]
 
     @staticmethod
     def _pick(flag: Any, default: Any) -> Any:
@@ -276,8 +281,8 @@ class LLMMagics(Magics):
         return lm
 
     def _loaded(self, name: str | None) -> Any:
-        if name not in self.models:
-            self._missing(name)
+        if name is None or name not in self.models:
+            return self._missing(name)
         return self.models[name]
 
     def _missing(self, name: str | None) -> Any:

@@ -45,7 +45,7 @@ STYLE = """<style>
 .nbllm-dist td{padding:1px 6px;font-family:var(--jp-code-font-family,monospace);font-size:12px;white-space:pre}
 .nbllm-dist .bar{display:inline-block;height:9px;vertical-align:middle}
 .nbllm-dist tr.cut td{color:#999}
-.nbllm-msg{margin:4px 0;padding:6px 10px;border-radius:8px;white-space:pre-wrap;max-width:90%}
+.nbllm-msg{margin:4px 0;padding:6px 10px;border-radius:8px;white-space:pre-wrap;overflow-wrap:anywhere;max-width:90%}
 .nbllm-msg.user{background:#e3f0ff;color:#111;margin-left:auto}
 .nbllm-msg.assistant{background:#f1f1f1;color:#111}
 .nbllm-msg.system{background:#fff7d6;color:#555;font-size:smaller}
@@ -68,6 +68,11 @@ def prob_color(p: float) -> str:
 
 def _piece(text: str) -> str:
     return repr(text)
+
+
+def _visible(text: str) -> str:
+    # With boundaries on, show what an empty-looking token holds.
+    return "".join("↵\n" if ch == "\n" else ch if ch.isprintable() or ch in "\t " else repr(ch)[1:-1] for ch in text)
 
 
 def alternatives_text(token: Token, k: int = 10) -> str:
@@ -93,7 +98,7 @@ def token_span(token: Token, *, colored: bool = True, boundaries: bool = False, 
     Returns:
         HTML text.
     """
-    text = token.text
+    text = _visible(token.text) if boundaries else token.text
     if token.special:
         text = text + f"⟨{token.piece or 'eos'}⟩" if boundaries or colored else text
     cls = "t" + (" b" if boundaries else "") + (" f" if token.forced else "") + (" s" if token.special else "")

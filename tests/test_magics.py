@@ -191,3 +191,20 @@ def test_widget_view_streams_into_a_stream_view(shell: InteractiveShell, magics:
     assert view.n_tokens == 6 and view.colored and view.status == "done"
     cell(shell, "--step")
     assert type(shown[-1]).__name__ == "StepperWidget"
+
+
+def test_a_saved_notebook_keeps_an_html_fallback(model_dir: Path, lm: nbllm.LM) -> None:
+    """Executed headless (nbclient, a real kernel, no widget frontend), the output still reads as HTML and text."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"%load_ext nbllm\n%llm load {model_dir / 'llama'}"),
+                nbformat.v4.new_code_cell("%%llm --probs -n 8\nHello there")]
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    outputs = [o for o in nb.cells[1].outputs if o.output_type == "display_data"]
+    assert len(outputs) == 1  # the live view, updated in place at the end
+    data = outputs[0]["data"]
+    text = nbllm.generate(lm, "Hello there", max_tokens=8).text
+    assert "application/vnd.jupyter.widget-view+json" in data and data["text/plain"] == text
+    assert data["text/html"].count('class="t') == 8 and 'title="' in data["text/html"] and "finish: length" in data["text/html"]

@@ -58,7 +58,7 @@ class ChatWidget(widgets.VBox):
         self._done.set()
         self.task: Any = None
         self.messages = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
-        self.input = widgets.Textarea(placeholder="Message (Send or Shift+Enter in the box is not bound; click Send)", layout=widgets.Layout(width="100%"))
+        self.input = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="100%"))
         self.system_box = widgets.Text(value=getattr(self.chat, "system", None) or system or "", description="system", placeholder="system prompt")
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
@@ -66,11 +66,13 @@ class ChatWidget(widgets.VBox):
         self.reset_button = widgets.Button(description="Reset", icon="trash")
         self.attach = widgets.FileUpload(accept="image/*", multiple=True, description="Image")
         self.stats = widgets.HTML()
+        self._status = widgets.HTML()
         buttons = [self.send_button, self.stop_button, self.regenerate_button, self.reset_button]
         if getattr(self.lm, "is_vision", False):
             buttons.append(self.attach)
-        super().__init__(children=[self.system_box, self.messages, self.input, widgets.HBox(buttons), self.stats])
+        super().__init__(children=[self.system_box, self.messages, self.input, widgets.HBox([*buttons, self._status]), self.stats])
         self.add_class("nbllm-chat-widget")
+        self.observe(self._show_status, "status")
         self.send_button.on_click(lambda _: self.send())
         self.stop_button.on_click(lambda _: self.stop())
         self.regenerate_button.on_click(lambda _: self.regenerate())
@@ -90,6 +92,8 @@ class ChatWidget(widgets.VBox):
         if self._start(lambda: self.chat.send(text, **kwargs)):
             self.input.value = ""
             self.attach.value = ()
+        elif images and "images" in self.status:  # nbllm.chat may not take images yet
+            self.status = f"image attach: this chat cannot take images ({self.status})"
 
     def regenerate(self) -> None:
         """Replace the last reply with a new one."""
@@ -208,6 +212,9 @@ class ChatWidget(widgets.VBox):
             history = history[:-1]  # a chat may already hold the partial reply
         self.n_messages = len(history)
         self.messages.value = render.messages_html(history, pending=pending)
+
+    def _show_status(self, change: Any) -> None:
+        self._status.value = f"<span class='nbllm-status' style='color:#a33;padding-left:8px'>{html.escape(change['new'])}</span>"
 
     def _system_changed(self, change: Any) -> None:
         value = change["new"] or None

@@ -63,7 +63,7 @@ class DistributionView(widgets.VBox):
         self.shaped: render.Shaped | None = None
         self.chosen: int | None = None
         vocab = self._logprobs.shape[0]
-        style = {"description_width": "80px"}
+        style = {"description_width": "90px"}
         top_k_max = min(vocab, 200)
         self.sliders = {
             "temperature": widgets.FloatSlider(min(max(temperature, 0.0), 2.0), min=0.0, max=2.0, step=0.05, description="temperature", style=style),

@@ -1,0 +1,189 @@
+"""End to end: a real JupyterLab, a real kernel, headless Chromium driving %%llm, the stepper and the chat.
+
+Screenshots go to ``artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import nbllm
+
+pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import expect  # noqa: E402
+
+from labserver import CHROMIUM, CHROMIUM_ARGS, Lab, start_lab, write_notebook
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "browser"
+N_TOKENS = 300
+PROMPT = "Hello from the browser"
+
+# Records each distinct text length of any token stream view, to prove the
+# output grew while the cell was still running (live streaming, not one update).
+WATCH_JS = """() => {
+  window.__nbllmLengths = [];
+  const seen = window.__nbllmLengths;
+  new MutationObserver(() => {
+    document.querySelectorAll('.nbllm-stream').forEach(el => {
+      const n = el.textContent.length;
+      if (seen[seen.length - 1] !== n) seen.push(n);
+    });
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def _requirements() -> None:
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def seed(lm: nbllm.LM) -> int:
+    """A seed whose sampled reply runs to max_tokens on the fixture model (no early EOS)."""
+    for s in range(50):
+        if nbllm.generate(lm, PROMPT, max_tokens=N_TOKENS, temperature=0.8, seed=s).finish_reason == "length":
+            return s
+    raise AssertionError("no seed runs to max_tokens")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, seed: int) -> Iterator[Lab]:
+    _requirements()
+    home = tmp_path_factory.mktemp("jupyter-home")
+    root = tmp_path_factory.mktemp("lab-root")
+    write_notebook(root / "demo.ipynb", [
+        f"%load_ext nbllm\nlm = %llm load {model_dir / 'llama'}\nlm",
+        f"%%llm --probs -n {N_TOKENS} -t 0.8 --seed {seed} -o out\n{PROMPT}",
+        "%%llm --step -t 0\nStep with me",
+        "from nbllm.widgets import ChatWidget\neos = next(iter(lm.tokenizer.eos_token_ids))\n"
+        "chat = ChatWidget(lm, max_tokens=100_000, logit_bias={eos: -1e9})\nchat",
+        "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history), s.generated_tokens)",
+    ])
+    server = start_lab(home, root)
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert server.process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def page(lab: Lab) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    expect.set_options(timeout=60_000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(lab.page_url("demo.ipynb"))
+        pg.wait_for_selector(".jp-Notebook .jp-Cell", state="visible")
+        # The toolbar indicator says idle before the kernel exists; the status bar names it once connected.
+        pg.locator(".jp-StatusBar-TextItem", has_text="nbllm test (venv) | Idle").wait_for(timeout=90_000)
+        try:
+            yield pg
+        finally:
+            pg.screenshot(path=str(ARTIFACTS / "99-final.png"), full_page=True)
+            browser.close()
+
+
+def cell(page: Any, i: int) -> Any:
+    return page.locator(".jp-Notebook .jp-Cell").nth(i)
+
+
+def run_cell(page: Any, i: int, timeout: float = 60_000) -> Any:
+    """Select cell ``i``, press Shift+Enter, wait until its prompt shows an execution count."""
+    c = cell(page, i)
+    c.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("Shift+Enter")
+    prompt = c.locator(".jp-InputArea-prompt")
+    page.wait_for_function(
+        "el => /\\[\\d+\\]/.test(el.textContent)", arg=prompt.element_handle(), timeout=timeout,
+    )
+    return c
+
+
+def test_llm_cell_streams_tokens_live(page: Any, lm: nbllm.LM, seed: int) -> None:
+    out0 = run_cell(page, 0)
+    out0.locator("table.nbllm-info").wait_for()
+    page.evaluate(WATCH_JS)
+    c = run_cell(page, 1)
+    stream = c.locator(".nbllm-stream")
+    expect(c.locator(".nbllm-foot", has_text="finish: length")).to_be_visible()
+    expected = nbllm.generate(lm, PROMPT, max_tokens=N_TOKENS, temperature=0.8, seed=seed).text
+    assert stream.text_content() == expected
+    assert stream.locator(".t").count() == N_TOKENS
+    lengths = page.evaluate("window.__nbllmLengths")
+    assert len([n for n in lengths if 0 < n < len(expected)]) >= 2, lengths  # grew in steps while running
+
+    token = stream.locator(".t").nth(4)
+    token.hover()
+    popup = page.evaluate("el => getComputedStyle(el, '::after').content", token.element_handle())
+    assert "chosen" in popup and "%" in popup
+    token.click()
+    page.mouse.move(5, 5)
+    assert "chosen" in page.evaluate("el => getComputedStyle(el, '::after').content", token.element_handle())
+    c.screenshot(path=str(ARTIFACTS / "01-stream.png"))
+
+
+def test_stepper_buttons_step_the_model(page: Any) -> None:
+    c = run_cell(page, 2)
+    stepper = c.locator(".nbllm-stepper")
+    stepper.wait_for()
+    for name in ("Next", "Next ×N", "Back", "Reset"):
+        assert stepper.get_by_role("button", name=name, exact=True).is_visible()
+    label = stepper.locator(".nbllm-foot").first
+    expect(label).to_contain_text("generated 0")
+    stepper.get_by_role("button", name="Next", exact=True).click()
+    expect(label).to_contain_text("generated 1")
+    assert stepper.locator(".nbllm-stream .t").count() == 1
+    # Choose the second most likely alternative: a branch off the greedy path.
+    alternative = stepper.locator(".widget-hbox").filter(has_text="choose next:").locator("button").nth(1)
+    chosen = re.match(r"'(.*)' ", alternative.text_content())
+    alternative.click()
+    expect(label).to_contain_text("generated 2")
+    assert stepper.locator(".nbllm-stream .t").count() == 2 and chosen is not None
+    # The sliders reshape the stored distribution in the kernel: greedy -> sampling -> top-k 3.
+    caption = stepper.locator(".nbllm-dist caption")
+    expect(caption).to_have_text("1 of 512 tokens can be sampled")
+    stepper.locator(".widget-slider", has_text="temperature").locator(".noUi-handle").press("ArrowRight")
+    expect(caption).to_have_text("512 of 512 tokens can be sampled")
+    top_k = stepper.locator(".widget-slider", has_text="top-k").locator(".noUi-handle")
+    for _ in range(3):
+        top_k.press("ArrowRight")
+    expect(caption).to_have_text("3 of 512 tokens can be sampled")
+    expect(stepper.locator(".nbllm-dist tr[data-cut='top-k']")).to_have_count(5)  # 8 rows shown, 3 survive
+    stepper.get_by_role("button", name="Back", exact=True).click()
+    expect(label).to_contain_text("generated 1")
+    expect(stepper.locator(".nbllm-stream .t")).to_have_count(1)
+    c.screenshot(path=str(ARTIFACTS / "02-stepper.png"))
+
+
+def test_chat_send_then_stop_mid_reply(page: Any) -> None:
+    c = run_cell(page, 3)
+    chat = c.locator(".nbllm-chat-widget")
+    chat.wait_for()
+    chat.locator("textarea").fill("Hello chat, tell me a long story")
+    chat.get_by_role("button", name="Send").click()
+    chat.locator(".nbllm-msg.pending").wait_for()  # the reply is streaming
+    page.wait_for_timeout(300)
+    c.screenshot(path=str(ARTIFACTS / "03-chat-streaming.png"))
+    chat.get_by_role("button", name="Stop").click()
+    expect(chat.locator(".nbllm-status")).to_have_text("stopped")
+    assert chat.locator(".nbllm-msg.user").count() == 1 and chat.locator(".nbllm-msg.assistant").count() == 1
+    assert chat.locator(".nbllm-msg.pending").count() == 0
+    expect(chat.locator(".nbllm-foot")).to_contain_text("finish: cancelled")
+    c.screenshot(path=str(ARTIFACTS / "04-chat-stopped.png"))
+    after = run_cell(page, 4)
+    text = after.locator(".jp-OutputArea-output").text_content()
+    m = re.search(r"after-stop cancelled 2 (\d+)", text)
+    assert m and 0 < int(m.group(1)) < 100_000, text
