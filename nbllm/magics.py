@@ -163,9 +163,9 @@ class LLMMagics(Magics):
         self._show(ts, view, args)
 
     def _run_chat(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
-        chat = _user_errors(lambda: self._conversation(lm, self._pick(args.system, self.system)))
         if args.raw:
             raise UsageError("--chat: expected a chat prompt, got --raw (a conversation always uses the chat template)")
+        chat = _user_errors(lambda: self._conversation(lm, self._pick(args.system, self.system)))
         send: dict[str, Any] = {"max_tokens": self._pick(args.max_tokens, self.max_tokens)}
         if args.probs:
             send["top_logprobs"] = self.top_logprobs
@@ -296,6 +296,8 @@ class LLMMagics(Magics):
             raise UsageError(f"--chat: the conversation uses {self.chat.lm.name}; run %llm reset to start one with {lm.name}")
         if self.chat is None:
             self.chat = Chat(lm, system=system)
+        elif system is not None and system != self.chat.system:
+            self.chat.system = system  # later turns see the new system message
         return self.chat
 
     def _widgets(self) -> bool:

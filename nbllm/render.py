@@ -99,6 +99,8 @@ def token_span(token: Token, *, colored: bool = True, boundaries: bool = False, 
         HTML text.
     """
     text = _visible(token.text) if boundaries else token.text
+    if boundaries and not text and not token.special:
+        text = token.piece  # a partial character: show its bytes so the token is not invisible
     if token.special:
         text = text + f"⟨{token.piece or 'eos'}⟩" if boundaries or colored else text
     cls = "t" + (" b" if boundaries else "") + (" f" if token.forced else "") + (" s" if token.special else "")

@@ -162,6 +162,8 @@ def test_chat_continues_the_notebook_conversation(shell: InteractiveShell, magic
     assert shell.user_ns["c2"].stats.cached_tokens > 0
     widget = shell.run_line_magic("llm", "chat")
     assert widget.chat is chat and widget.n_messages == 4
+    cell(shell, '--chat -s "Be terse." -n 2', "Third")
+    assert chat.system == "Be terse." and len(chat.history) == 6
     shell.run_line_magic("llm", "reset")
     assert chat.history == []
     err = error_of(shell, "%%llm --chat --raw\nhi")
@@ -208,3 +210,23 @@ def test_a_saved_notebook_keeps_an_html_fallback(model_dir: Path, lm: nbllm.LM) 
     text = nbllm.generate(lm, "Hello there", max_tokens=8).text
     assert "application/vnd.jupyter.widget-view+json" in data and data["text/plain"] == text
     assert data["text/html"].count('class="t') == 8 and 'title="' in data["text/html"] and "finish: length" in data["text/html"]
+
+
+def test_image_flag_with_a_vision_model(shell: InteractiveShell, magics: LLMMagics, tmp_path: Path) -> None:
+    from nbllm.fixtures_vision import make_image, make_vision_model
+
+    folder = make_vision_model(tmp_path / "qwen2_vl", "qwen2_vl")
+    make_image(64, 48).save(tmp_path / "a.png")
+    first = magics.current
+    vlm = shell.run_line_magic("llm", f"load {folder} --as vision")
+    try:
+        cell(shell, f"--image {tmp_path / 'a.png'} -n 4 -o vi", "What is in this picture?")
+        reference = nbllm.generate(vlm, "What is in this picture?", images=[str(tmp_path / "a.png")], max_tokens=4)
+        vi = shell.user_ns["vi"]
+        assert [t.id for t in vi.tokens] == [t.id for t in reference.tokens]
+        assert vi.stats.prompt_tokens == reference.stats.prompt_tokens > len(vlm.encode("What is in this picture?"))
+        err = error_of(shell, f"%%llm --image {tmp_path / 'missing.png'}\nhi")
+        assert isinstance(err, UsageError) and "\n" not in str(err).strip()
+    finally:
+        shell.run_line_magic("llm", "unload vision")
+        shell.run_line_magic("llm", f"use {first}")

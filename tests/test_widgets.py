@@ -226,3 +226,24 @@ def test_chat_widget_regenerate_reset_and_errors(lm: nbllm.LM) -> None:
     assert w.chat.system == "New rules."
     w.reset_button.click()
     assert w.chat.history == [] and w.n_messages == 0 and first is not None
+
+
+def test_chat_widget_image_attach_for_vision_models(lm: nbllm.LM, tmp_path) -> None:
+    import datetime
+
+    from nbllm.fixtures_vision import make_image, make_vision_model
+
+    assert ChatWidget(lm).attach not in ChatWidget(lm).children[3].children  # text model: no attach button
+    vlm = nbllm.load(make_vision_model(tmp_path / "qwen2_vl", "qwen2_vl"))
+    w = ChatWidget(vlm, max_tokens=3)
+    assert w.attach in w.children[3].children
+    make_image().save(tmp_path / "a.png")
+    w.attach.value = ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview((tmp_path / "a.png").read_bytes()),
+                       "last_modified": datetime.datetime.now()},)
+    w.send("What is in this picture?")
+    if w.busy:  # nbllm.chat takes images: a real reply about the image
+        assert w.wait(60) and [m["role"] for m in w.chat.history] == ["user", "assistant"]
+        assert w.chat.last_stats.prompt_tokens > len(vlm.encode("What is in this picture?"))
+    else:  # it does not (yet): one clear line, nothing sent, the message kept
+        assert w.status.startswith("image attach: this chat cannot take images") and w.chat.history == []
+        assert len(w.attach.value) == 1

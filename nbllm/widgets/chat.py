@@ -132,7 +132,7 @@ class ChatWidget(widgets.VBox):
             self.status = str(err)
             return False
         self._stream, self._stop, self._pending = stream, False, ""
-        self.reply, self.status, self.finish_reason = "", "", None
+        self.reply, self.status, self.finish_reason = "", "replying…", None
         self.busy = True
         self._done.clear()
         self.stop_button.disabled = False
@@ -192,7 +192,7 @@ class ChatWidget(widgets.VBox):
         self.stats.value = f"<span class='nbllm-foot'>{html.escape(_stats_text(stats, self.finish_reason))}</span>"
         if self.finish_reason == "cancelled":
             self.status = "stopped"
-        elif self.status == "stopping…":
+        elif self.status in ("stopping…", "replying…"):
             self.status = ""
         self._stream = None
         self.busy = False

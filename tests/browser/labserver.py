@@ -42,6 +42,17 @@ class Lab:
             body = resp.read()
         return json.loads(body) if body else None
 
+    def wait_for_kernel(self, path: str, timeout: float = 90.0) -> None:
+        """Wait until the session for notebook ``path`` has a connected, idle kernel."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for session in self.api("/api/sessions"):
+                kernel = session.get("kernel") or {}
+                if session.get("path") == path and kernel.get("connections", 0) > 0 and kernel.get("execution_state") == "idle":
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"no connected idle kernel for {path} within {timeout} s")
+
     def page_url(self, notebook: str) -> str:
         return f"{self.url}/lab/tree/{notebook}?token={self.token}"
 
