@@ -133,6 +133,9 @@ class ChatReply:
 class Chat:
     """A conversation with a model, reusing the KV cache from turn to turn.
 
+    An interrupted reply keeps the text streamed so far (nothing, if it was
+    interrupted before its first token); ``regenerate()`` redoes it.
+
     Args:
         lm: A loaded model with a chat template.
         system: System message (kept across ``reset``).
