@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -98,7 +99,7 @@ def first_token_times(path: Path, image: Path, repeats: int) -> dict[str, Any]:
     cache = PromptCache(lm)
     answer = lm.generate(turn1, images=image, max_tokens=24, prompt_cache=cache)
     turn2 = turn1 + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
-    held = len(cache)
+    held = len(cache.ids)
 
     def ttft(prompt_cache: Any) -> tuple[float, int, int]:
         t = time.perf_counter()
@@ -127,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    n, repeats = (32, 1) if args.quick else (128, 3)
+    n, repeats = (32, 1) if args.quick else (128, 5)
 
     import nbllm  # noqa: F401  (fast BLAS before mlx)
     from nbllm.fixtures_vision import make_image, make_vision_model
@@ -151,7 +152,9 @@ def main() -> None:
             ]
             notes.append(f"{arch}: generated {d['tokens']} tokens per run; 2nd question {f['prompt_tokens']} prompt "
                          f"tokens, {f['cached_tokens']} from the cache when warm")
-    print(f"\nnbllm vision benchmark · image 448x336 · {n} generated · median of {repeats}\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nnbllm vision benchmark · image 448x336 · {n} generated · median of {repeats} · "
+          f"load average {load:.1f} on {os.cpu_count()} CPUs (decode ratios are noisy on a busy machine)\n")
     print(f"{'measure':<52} {'value':>9} {'ratio':>8}  target")
     for name, value, ratio, target in rows:
         ratio_s = f"{ratio:8.2f}" if ratio != "" else " " * 8
