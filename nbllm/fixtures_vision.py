@@ -92,6 +92,44 @@ VISION_ARCHITECTURES: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "qwen2_5_vl": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "template": _QWEN_TEMPLATE,
+        "config": {
+            "model_type": "qwen2_5_vl",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "vision_config": {
+                "model_type": "qwen2_5_vl", "depth": 2, "hidden_size": 32, "intermediate_size": 64,
+                "out_hidden_size": 64, "num_heads": 2, "patch_size": 14, "spatial_patch_size": 14,
+                "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3, "window_size": 112,
+                "fullatt_block_indexes": [1], "tokens_per_second": 2,
+            },
+        },
+        "token_ids": {"bos_token_id": "<|endoftext|>", "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                      "vision_start_token_id": "<|vision_start|>"},
+        "files": {
+            "preprocessor_config.json": {
+                "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+                "rescale_factor": 0.00392156862745098, "resample": 3,
+                "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
+            },
+        },
+    },
     # Qwen3-VL feeds deepstack visual features into early decoder layers at
     # every step; nbllm refuses it by name (it needs mlx-vlm's own loop).
     "qwen3_vl": {
@@ -221,7 +259,7 @@ def make_vision_model(
 
     Args:
         path: Folder to create (reused if it already holds a model).
-        arch: One of ``VISION_ARCHITECTURES`` (``qwen2_vl``, ``gemma3``, ``qwen3_vl``).
+        arch: One of ``VISION_ARCHITECTURES`` (``qwen2_vl``, ``qwen2_5_vl``, ``gemma3``, ``qwen3_vl``).
         seed: Seed for the random weights.
         vocab_size: Target BPE vocabulary size.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the stored weights.

@@ -2,8 +2,8 @@
 
 Two tiny random-weight mlx-vlm architectures with their real image-processor
 configs: Qwen2-VL (mRoPE positions, dynamic image size) and Gemma 3 (SigLIP at
-896 px, 256 tokens per image, sliding-window cache); plus Qwen3-VL, which needs
-mlx-vlm's own loop and is refused by name.
+896 px, 256 tokens per image, sliding-window cache); Qwen2.5-VL for parity; and
+Qwen3-VL, which needs mlx-vlm's own loop and is refused by name.
 """
 
 from __future__ import annotations
@@ -88,6 +88,14 @@ def test_greedy_parity_with_mlx_vlm(vlm: VisionLM, vision_dir: Path, images: lis
     assert ours == ref_tokens
     if images:  # the picture matters: without it the model says something else
         assert ours != [t.id for t in vlm.stream(QUESTION, max_tokens=16)]
+
+
+def test_qwen2_5_vl_parity_with_mlx_vlm(vision_dir: Path, tmp_path: Path) -> None:
+    lm = nbllm.load(make_vision_model(tmp_path / "qwen2_5_vl", "qwen2_5_vl"))
+    paths = [str(vision_dir / "a.png"), str(vision_dir / "b.png")]
+    ref_ids, ref_tokens = _mlx_vlm_tokens(lm.path, QUESTION, paths, max_tokens=12)
+    assert lm.encode(QUESTION, images=paths) == ref_ids
+    assert [t.id for t in lm.stream(QUESTION, images=paths, max_tokens=12)] == ref_tokens
 
 
 def test_prepare_inputs_returns_merged_embeddings(vlm: VisionLM, vision_dir: Path) -> None:
