@@ -1,30 +1,30 @@
-"""A reusable prompt cache: longest-prefix reuse, save/load, stats.
+"""A reusable prompt cache: longest-prefix reuse, snapshots, save/load, stats.
 
-mlx-lm owns the KV cache layers and their file format; ``PromptCache`` adds the
-token ids they cover, longest-prefix reuse (trim, or rebuild when a rotating
-layer cannot be trimmed), counters, and files that refuse another model.
+mlx-lm owns the KV cache layers (``make_prompt_cache``, ``trim_prompt_cache``)
+and their file format (see ``nbllm.cache_file``). ``PromptCache`` adds the
+token ids they cover and reuses the longest prefix a new prompt shares with
+them: trimmed when every layer can be trimmed; otherwise (a rotating or
+sliding-window layer past its window) restored from a snapshot taken at the
+start of the last request, or rebuilt from scratch when no snapshot fits.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import mlx.core as mx
 
+from .cache_file import model_fingerprint
+
 if TYPE_CHECKING:
     from .model import LM
 
 __all__ = ["PromptCache", "CacheStats", "progress_bar", "model_fingerprint"]
 
-FORMAT = "nbllm-prompt-cache/1"
-# Cache classes a file may name; load_prompt_cache looks classes up by name.
-_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache"}
 _KV_BITS, _GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
 
 
@@ -34,13 +34,14 @@ class CacheStats:
 
     Attributes:
         tokens_held: Token ids the layers cover now.
-        bytes_held: Bytes of KV arrays held now.
+        bytes_held: Bytes of KV arrays held now, the snapshot included.
         tokens_reused: Prompt tokens taken from the cache, over all requests.
         tokens_processed: Prompt tokens the model had to run, over all requests.
         last_reused: Prompt tokens reused by the last request.
         last_processed: Prompt tokens run by the last request.
         requests: Prompts served.
-        rebuilds: Times reusable tokens were lost to a layer that cannot be trimmed (rotating, past its window).
+        restores: Times layers that could not be trimmed were rolled back to the snapshot.
+        rebuilds: Times reusable tokens were lost: layers could not be trimmed and no snapshot fitted.
     """
 
     tokens_held: int = 0
@@ -50,6 +51,7 @@ class CacheStats:
     last_reused: int = 0
     last_processed: int = 0
     requests: int = 0
+    restores: int = 0
     rebuilds: int = 0
 
     @property
@@ -98,6 +100,8 @@ class PromptCache:
         self.kv_group_size, self.prefill_step_size = kv_group_size, prefill_step_size
         self._layers: list[Any] | None = None
         self._ids: list[int] = []
+        # (ids it covers, per layer: a copy, or None for a layer that is rolled back by trimming)
+        self._snap: tuple[list[int], list[Any]] | None = None
         self._busy, self._stats = False, CacheStats()
 
     # -- state -----------------------------------------------------------------
@@ -114,8 +118,14 @@ class PromptCache:
     @property
     def stats(self) -> CacheStats:
         s = self._stats
-        s.tokens_held, s.bytes_held = len(self._ids), sum(int(c.nbytes) for c in self._layers or [])
+        held = (self._layers or []) + [c for c in (self._snap[1] if self._snap else []) if c is not None]
+        s.tokens_held, s.bytes_held = len(self._ids), sum(int(c.nbytes) for c in held)
         return CacheStats(**vars(s))
+
+    @property
+    def busy(self) -> bool:
+        """True while a stream is using the layers (between ``prepare`` and ``commit``)."""
+        return self._busy
 
     def __repr__(self) -> str:
         s = self.stats
@@ -125,25 +135,17 @@ class PromptCache:
         """How many leading ids of ``ids`` the cache already covers."""
         return next((i for i, (a, b) in enumerate(zip(self._ids, ids)) if a != b), min(len(self._ids), len(ids)))
 
-    @property
-    def busy(self) -> bool:
-        """True while a stream is using the layers (between ``prepare`` and ``commit``)."""
-        return self._busy
-
     def clear(self) -> None:
         """Drop every cached token and free the layers."""
         self._check_free()
-        self._layers, self._ids = None, []
+        self._layers, self._ids, self._snap = None, [], None
 
     def trim_to(self, n: int) -> int:
-        """Keep the first ``n`` cached tokens (all are dropped if a layer cannot be trimmed); returns how many."""
+        """Keep at most the first ``n`` cached tokens; returns how many are kept."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"trim_to: expected an integer >= 0, got {n!r}")
         self._check_free()
-        if n < len(self._ids):
-            trimmed = self._trim(len(self._ids) - n)
-            self._layers, self._ids = (self._layers, self._ids[:n]) if trimmed else (None, [])
-        return len(self._ids)
+        return self._cut(n)
 
     # -- the CacheLike hook used by stream() -----------------------------------
     def prepare(self, ids: Sequence[int]) -> tuple[list[Any], int]:
@@ -163,16 +165,15 @@ class PromptCache:
         self._busy = False
         if self._layers is None:
             return
-        offsets = [c.offset for c in self._layers if hasattr(c, "offset")]
-        covered = min(offsets + [len(ids)])
+        covered = min([c.offset for c in self._layers if hasattr(c, "offset")] + [len(ids)])
+        self._ids = [int(t) for t in ids[:covered]]
         # An interrupt inside a forward pass can leave some layers one step ahead.
         ahead = [c for c in self._layers if getattr(c, "offset", covered) > covered]
-        if any(not c.is_trimmable() for c in ahead):
-            self._layers, self._ids = None, []
-            return
-        for c in ahead:
-            c.trim(c.offset - covered)
-        self._ids = [int(t) for t in ids[:covered]]
+        if all(c.is_trimmable() for c in ahead):
+            for c in ahead:
+                c.trim(c.offset - covered)
+        elif not self._restore(covered):
+            self._layers, self._ids, self._snap = None, [], None
 
     def prefill(self, ids: Sequence[int], progress: bool | Callable[[int, int], None] | None = None) -> int:
         """Run the model over ``ids`` (in chunks) so later prompts starting with them reuse the work.
@@ -210,32 +211,13 @@ class PromptCache:
         The metadata holds the model fingerprint, token ids, settings, nbllm
         version and a checksum, so ``load`` refuses another model's or a damaged file.
         """
-        from mlx_lm.models.cache import save_prompt_cache
+        from . import cache_file
 
-        from . import __version__
-
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
         self._check_free()
         if self._layers is None:
             raise ValueError("save: expected a cache holding tokens, got an empty cache")
-        target = Path(path).expanduser()
-        if target.suffix != ".safetensors":
-            target = target.with_name(target.name + ".safetensors")
-        meta = {
-            "nbllm_format": FORMAT, "nbllm_version": __version__, "model_name": self.lm.name,
-            "model_fingerprint": model_fingerprint(self.lm), "token_ids": json.dumps(self._ids),
-            "settings": json.dumps({"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size}),
-        }
-        # mlx-lm writes the layout, a second pass adds a checksum; then replace the target.
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            raw, final = os.path.join(tmp, "raw.safetensors"), os.path.join(tmp, "final.safetensors")
-            save_prompt_cache(raw, self._layers, meta)
-            arrays, flat = _read(raw)
-            flat["0.checksum"] = _checksum(arrays, flat)
-            mx.save_safetensors(final, arrays, flat)
-            os.replace(final, target)
-        return target
+        settings = {"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size}
+        return cache_file.write(self.lm, self._layers, self._ids, settings, path)
 
     @classmethod
     def load(cls, lm: "LM", path: str | os.PathLike[str]) -> "PromptCache":
@@ -245,32 +227,11 @@ class PromptCache:
             FileNotFoundError: No such file.
             ValueError: Not an nbllm prompt cache, damaged, or made with another model.
         """
-        from mlx_lm.models.cache import load_prompt_cache
+        from . import cache_file
 
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no prompt cache file at {str(path)!r}")
-        try:
-            arrays, flat = _read(str(path))
-        except Exception as err:
-            raise ValueError(f"{path.name} is not a readable safetensors file (corrupt or truncated?): {str(err)[:120]}") from None
-        if flat.get("0.nbllm_format") != FORMAT:
-            raise ValueError(f"{path.name}: expected an nbllm prompt cache ({FORMAT}), got format {flat.get('0.nbllm_format')!r}")
-        if flat.get("0.checksum") != _checksum(arrays, flat):
-            raise ValueError(f"{path.name}: checksum mismatch, the file was modified or damaged; refusing to load it")
-        fingerprint = model_fingerprint(lm)
-        if flat.get("0.model_fingerprint") != fingerprint:
-            raise ValueError(f"{path.name} was made with another model ({flat.get('0.model_name')!r}, fingerprint "
-                             f"{str(flat.get('0.model_fingerprint'))[:12]}); expected {lm.name!r} (fingerprint {fingerprint[:12]})")
-        classes = [v for k, v in flat.items() if k.startswith("1.")]
-        if not set(classes) <= _CLASSES:
-            raise ValueError(f"{path.name}: expected KV cache layers, got classes {sorted(set(classes) - _CLASSES)}")
-        layers, meta = load_prompt_cache(str(path), return_metadata=True)
-        ids, settings, offsets = json.loads(meta["token_ids"]), json.loads(meta["settings"]), {c.offset for c in layers}
-        if len(layers) != len(lm.model.layers) or offsets != {len(ids)}:
-            raise ValueError(f"{path.name}: expected {len(lm.model.layers)} layers covering {len(ids)} tokens, got {len(layers)} covering {sorted(offsets)}")
+        layers, ids, settings = cache_file.read(lm, path)
         cache = cls(lm, **settings)
-        cache._layers, cache._ids = layers, [int(t) for t in ids]
+        cache._layers, cache._ids = layers, ids
         return cache
 
     # -- internals ---------------------------------------------------------------
@@ -279,26 +240,59 @@ class PromptCache:
             raise RuntimeError("this PromptCache is in use by a stream that has not finished; iterate it to the end or call its close()")
 
     def _reuse(self, ids: list[int], limit: int) -> int:
-        """Trim or rebuild so the layers cover ``ids[:n]`` (n <= limit); update stats."""
+        """Cut the layers back to cover ``ids[:n]`` (n <= limit), snapshot them, update stats."""
         n = min(self.common_prefix(ids), limit)
         consistent = self._layers is not None and all(getattr(c, "offset", len(self._ids)) == len(self._ids) for c in self._layers)
-        if n == 0 or not consistent:
-            self._layers, n = self._new_layers(), 0
-        elif n < len(self._ids) and not self._trim(len(self._ids) - n):
-            self._stats.rebuilds += 1
-            self._layers, n = self._new_layers(), 0
-        self._ids = ids[:n]
+        n = self._cut(n) if n and consistent else 0
+        if n == 0:
+            self._layers, self._ids, self._snap = self._new_layers(), [], None
+        self._snapshot()
         s = self._stats
         s.requests, s.last_reused, s.last_processed = s.requests + 1, n, len(ids) - n
         s.tokens_reused, s.tokens_processed = s.tokens_reused + n, s.tokens_processed + len(ids) - n
         return n
 
-    def _trim(self, n: int) -> bool:
+    def _cut(self, n: int) -> int:
+        """Make the layers cover at most ``self._ids[:n]``: trim, else restore the snapshot, else drop all."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        if self._layers is None or not can_trim_prompt_cache(self._layers):
+        if n >= len(self._ids):
+            return len(self._ids)
+        if self._layers is not None and can_trim_prompt_cache(self._layers):
+            trim_prompt_cache(self._layers, len(self._ids) - n)
+            self._ids = self._ids[:n]
+            if self._snap is not None and len(self._snap[0]) > n:
+                self._snap = None
+            return n
+        if self._restore(n):
+            return len(self._ids)
+        self._stats.rebuilds += n > 0
+        self._layers, self._ids, self._snap = None, [], None
+        return 0
+
+    def _snapshot(self) -> None:
+        # Only layers that may become untrimmable need a copy (bounded: at most their window).
+        if self._layers is None or all(c.is_trimmable() and not hasattr(c, "max_size") for c in self._layers):
+            self._snap = None
+            return
+        keep = [None if c.is_trimmable() and not hasattr(c, "max_size") else copy.deepcopy(c) for c in self._layers]
+        self._snap = (list(self._ids), keep)
+
+    def _restore(self, n: int) -> bool:
+        """Roll back to the snapshot if it covers a prefix of ``self._ids[:n]``."""
+        if self._snap is None or self._layers is None:
             return False
-        trim_prompt_cache(self._layers, n)
+        ids, kept = self._snap
+        s = len(ids)
+        if s > n or self._ids[:s] != ids or any(k is None and c.offset < s for c, k in zip(self._layers, kept)):
+            return False
+        for i, (c, k) in enumerate(zip(self._layers, kept)):
+            if k is None:
+                c.trim(c.offset - s)
+            else:
+                self._layers[i] = k
+        self._ids, self._snap = list(ids), None
+        self._stats.restores += 1
         return True
 
     def _new_layers(self) -> list[Any]:
@@ -336,48 +330,6 @@ def progress_bar(desc: str = "prefill", min_total: int = 0) -> Callable[[int, in
             bar.close()
 
     return report
-
-
-def model_fingerprint(lm: "LM") -> str:
-    """A hex digest of the model's config, parameter shapes/dtypes and a sample of its weights."""
-    cached = getattr(lm, "_nbllm_fingerprint", None)
-    if cached:
-        return str(cached)
-    from mlx.utils import tree_flatten
-
-    h = hashlib.sha256(json.dumps(lm.config, sort_keys=True, default=str).encode())
-    params: list[tuple[str, Any]] = sorted(tree_flatten(lm.model.parameters()), key=lambda kv: kv[0])  # type: ignore[arg-type]
-    for name, value in params:
-        h.update(f"{name}:{value.shape}:{value.dtype};".encode())
-    # A slice of a few spread-out tensors tells apart same-shaped models with other weights.
-    for _, value in params[:: max(1, len(params) // 4)]:
-        h.update(_raw_bytes(value.reshape(-1)[:4096]))
-    digest = h.hexdigest()
-    lm._nbllm_fingerprint = digest  # type: ignore[attr-defined]
-    return digest
-
-
-def _read(path: str) -> tuple[dict[str, mx.array], dict[str, str]]:
-    return mx.load(path, return_metadata=True)  # type: ignore[return-value]
-
-
-def _checksum(arrays: dict[str, mx.array], meta: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(meta):
-        if key != "0.checksum":
-            h.update(f"{key}={meta[key]};".encode())
-    for key in sorted(arrays):
-        h.update(f"{key}:{arrays[key].shape}:{arrays[key].dtype};".encode())
-        h.update(_raw_bytes(arrays[key]))
-    return h.hexdigest()
-
-
-def _raw_bytes(a: mx.array) -> bytes:
-    import numpy as np
-
-    if a.dtype == mx.bfloat16:  # numpy has no bfloat16; hash the bit pattern
-        a = a.view(mx.uint16)
-    return np.asarray(a).tobytes()
 
 
 def _head_dim(config: dict[str, Any]) -> int | None:

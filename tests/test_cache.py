@@ -97,6 +97,25 @@ def test_sliding_window_layers_past_their_window_are_rebuilt(tmp_path: Path) -> 
     assert ids_of(got) == ids_of(lm.generate(back, max_tokens=8))
 
 
+def test_layers_past_their_window_roll_back_to_the_snapshot(lm: nbllm.LM) -> None:
+    pc = PromptCache(lm, max_kv_size=32)
+    first = lm.encode(" ".join(["the model cache prompt"] * 6), raw=True)
+    lm.generate(first, max_tokens=6, prompt_cache=pc)
+    held = pc.ids
+    second = held + lm.encode(" and then", raw=True)
+    lm.generate(second, max_tokens=6, prompt_cache=pc)  # the snapshot holds `held`
+    assert len(pc.ids) > 32 and pc.stats.rebuilds == 0
+    # Diverging in the last token (e.g. another end-of-turn token) cannot be trimmed past the window.
+    third = pc.ids[:-1] + lm.encode(" cat sings", raw=True)
+    got = lm.generate(third, max_tokens=8, prompt_cache=pc)
+    s = pc.stats
+    assert (s.restores, s.rebuilds) == (1, 0) and got.stats.cached_tokens == len(held)
+    replay = PromptCache(lm, max_kv_size=32)  # the same work without the detour
+    lm.generate(first, max_tokens=6, prompt_cache=replay)
+    assert replay.ids == held
+    assert ids_of(got) == ids_of(lm.generate(third, max_tokens=8, prompt_cache=replay))
+
+
 def test_max_kv_size_bounds_memory(any_lm: nbllm.LM) -> None:
     pc = PromptCache(any_lm, max_kv_size=64)
     assert all(isinstance(c, RotatingKVCache) for c in pc._new_layers())

@@ -111,6 +111,21 @@ def test_undo_drops_the_last_exchange_and_rewinds_the_cache(any_lm: nbllm.LM) ->
     assert chat.last_stats.cached_tokens == len(rewound)  # type: ignore[union-attr]
 
 
+def test_undo_and_regenerate_past_a_sliding_window(tmp_path: Path) -> None:
+    lm = nbllm.load(make_model(tmp_path / "g", "gemma3", overrides={"sliding_window": 32}))
+    chat = Chat(lm, SYSTEM, max_tokens=12)
+    talk(chat, TURNS)
+    assert len(chat.cache.ids) > 32
+    chat.undo()  # the sliding layers cannot be trimmed: rolled back to the snapshot instead
+    same_history = fresh(chat)
+    assert ids(chat.send(TURNS[3])) == ids(same_history.send(TURNS[3]))
+    old = chat.history
+    chat.regenerate().completion()  # greedy: the same reply, rebuilt from the snapshot onwards
+    s = chat.cache.stats
+    assert s.rebuilds == 0 and s.restores >= 2 and chat.last_stats.cached_tokens > 32  # type: ignore[union-attr]
+    assert chat.history == old
+
+
 def test_regenerate_replaces_the_last_reply(lm: nbllm.LM) -> None:
     chat = Chat(lm, SYSTEM, max_tokens=12)
     talk(chat, TURNS[:2])
