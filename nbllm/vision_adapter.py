@@ -55,6 +55,7 @@ class LanguageAdapter(nn.Module):
 
     @property
     def layers(self) -> list[Any]:
+        """The language model's decoder layers (mlx-lm sizes default caches by them)."""
         return list(self.vlm.language_model.layers)
 
     def make_cache(self) -> list[Any]:
@@ -131,10 +132,12 @@ class LanguageAdapter(nn.Module):
 
 
 def int_list(array: mx.array) -> list[int]:
+    """An integer array's values as a flat Python list."""
     return [int(v) for v in cast(list, array.reshape(-1).tolist())]
 
 
 def image_token_ids(config: Any) -> set[int]:
+    """The placeholder token ids image features replace (``image_token_id`` / ``image_token_index``)."""
     found = set()
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)
