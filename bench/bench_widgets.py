@@ -3,6 +3,7 @@
     python bench/bench_widgets.py                 # in a real ipykernel (comm messages really sent)
     python bench/bench_widgets.py --in-process    # no kernel: widget state is built but not sent
     python bench/bench_widgets.py --model PATH    # also bench this model folder
+    python bench/bench_widgets.py --models tiny --tokens 3000   # long output, fastest decode
 
 For each model and view (plain text; coloured with 8 alternatives per token) the
 same stream is consumed raw (``for t in stream``) and through a live
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="extra model folder (repeatable)")
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="tiny,bench,default", help="which built-in models: tiny,bench,default")
     parser.add_argument("--in-process", action="store_true", help="no kernel (widget messages are not sent)")
     args = parser.parse_args()
 
@@ -131,9 +133,13 @@ def main() -> None:
     from nbllm.model import DEFAULT_MODEL_PATH
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [str(make_model(Path(tmp) / "tiny-llama", "llama")),
-                 str(make_model(Path(tmp) / "bench-llama", "llama", overrides=BENCH_SHAPE))]
-        if (DEFAULT_MODEL_PATH / "config.json").exists():
+        chosen = set(args.models.split(","))
+        paths = []
+        if "tiny" in chosen:
+            paths.append(str(make_model(Path(tmp) / "tiny-llama", "llama")))
+        if "bench" in chosen:
+            paths.append(str(make_model(Path(tmp) / "bench-llama", "llama", overrides=BENCH_SHAPE)))
+        if "default" in chosen and (DEFAULT_MODEL_PATH / "config.json").exists():
             paths.append(str(DEFAULT_MODEL_PATH))
         paths += args.model
         if args.in_process:

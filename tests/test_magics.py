@@ -230,3 +230,20 @@ def test_image_flag_with_a_vision_model(shell: InteractiveShell, magics: LLMMagi
     finally:
         shell.run_line_magic("llm", "unload vision")
         shell.run_line_magic("llm", f"use {first}")
+
+
+def test_without_a_selected_model_the_embedded_default_loads(shell: InteractiveShell, magics: LLMMagics) -> None:
+    from nbllm.model import DEFAULT_MODEL_PATH
+
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.skip("the embedded default model is not in this checkout yet")
+    selected = magics.current
+    magics.current = None
+    try:
+        cell(shell, "-n 5 -o dm", "What is the capital of France?")
+        assert magics.current == "nbllm/default-model"
+        reference = nbllm.generate(nbllm.load(), "What is the capital of France?", max_tokens=5)
+        assert [t.id for t in shell.user_ns["dm"].tokens] == [t.id for t in reference.tokens]
+    finally:
+        magics.models.pop("nbllm/default-model", None)
+        magics.current = selected

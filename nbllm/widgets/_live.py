@@ -1,4 +1,8 @@
-"""Coalescing live updates: at most ~30 per second, and at most ~10% of the time."""
+"""Coalescing live updates: at most ~30 per second, and redraws take at most ~5% of the time.
+
+The budget is half the 10% a live view may cost, leaving room for the
+per-token bookkeeping and the final redraw.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class Throttle:
         budget: Largest fraction of time spent redrawing.
     """
 
-    def __init__(self, max_rate: float = 30.0, budget: float = 0.1):
+    def __init__(self, max_rate: float = 30.0, budget: float = 0.05):
         if max_rate <= 0 or not 0 < budget <= 1:
             raise ValueError(f"expected max_rate > 0 and budget in (0, 1], got {max_rate!r}, {budget!r}")
         self.period = 1.0 / max_rate

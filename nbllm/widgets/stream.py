@@ -21,7 +21,7 @@ class StreamView(widgets.VBox):
     """A live view of generated tokens.
 
     Feed it ``Token`` records (``feed``) or a whole stream (``consume``);
-    redraws are coalesced (at most ``max_rate`` per second, and at most ~10%
+    redraws are coalesced (at most ``max_rate`` per second, and at most ~5%
     of the time). Hover or click a token to see its top alternatives
     (requires ``top_logprobs`` > 0 on the stream); grammar-forced tokens
     are underlined.
