@@ -75,6 +75,7 @@ class Stepper:
         self.top_logprobs = top_logprobs
         self.prompt_ids = lm.encode(prompt, system=system, raw=raw)
         embeddings = lm.prepare_inputs(self.prompt_ids, _as_list(images))
+        self._embeddings, self._chunk = embeddings, prefill_step_size  # kept for a cache rebuild
         extra = list(logits_processors or [])
         if self.constraint is not None:
             self.constraint.reset()
@@ -166,7 +167,12 @@ class Stepper:
             from mlx_lm.models.cache import make_prompt_cache
 
             self._cache = make_prompt_cache(self.lm.model)
-            self._prefill(ids, None, 2048)
+            generated = ids[len(self.prompt_ids) :]
+            if generated:
+                self._feed(self.prompt_ids, self._embeddings, self._chunk)
+                self._prefill(generated, None, self._chunk)
+            else:
+                self._prefill(self.prompt_ids, self._embeddings, self._chunk)
         self._retext()
 
     def reset(self) -> None:
@@ -211,15 +217,15 @@ class Stepper:
     def _prefill(self, ids: list[int], embeddings: mx.array | None, chunk: int) -> None:
         # Same schedule as mlx_lm.generate_step (all but the last token in
         # chunks, then the last alone), so greedy output matches it exactly.
-        done = 0
-        while len(ids) - done > 1:
-            n = min(chunk, len(ids) - done - 1)
-            emb = embeddings[done : done + n] if embeddings is not None else None
-            self._call(ids[done : done + n], emb)
+        self._feed(ids[:-1], embeddings[:-1] if embeddings is not None else None, chunk)
+        self._forward(ids[-1:], embeddings[-1:] if embeddings is not None else None)
+
+    def _feed(self, ids: list[int], embeddings: mx.array | None, chunk: int) -> None:
+        """Run ``ids`` through the model into the cache, in chunks, keeping no logits."""
+        for start in range(0, len(ids), chunk):
+            emb = embeddings[start : start + chunk] if embeddings is not None else None
+            self._call(ids[start : start + chunk], emb)
             mx.eval([c.state for c in self._cache])
-            done += n
-        last = embeddings[done:] if embeddings is not None else None
-        self._forward(ids[done:], last)
 
     def _call(self, ids: list[int], embeddings: mx.array | None) -> mx.array:
         if embeddings is not None:

@@ -136,3 +136,20 @@ def test_reset(lm: nbllm.LM) -> None:
     st.reset()
     assert st.tokens == [] and st.text == ""
     assert [st.step().id for _ in range(4)] == ids
+
+
+def test_back_past_a_sliding_window_rebuilds_the_cache(tmp_path) -> None:
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    from nbllm.fixtures import make_model
+
+    lm = nbllm.load(make_model(tmp_path / "g", "gemma3", overrides={"sliding_window": 8}))
+    st = lm.stepper("Hello there")
+    first = [st.step().id for _ in range(20)]
+    assert not can_trim_prompt_cache(st._cache)  # the rotating layers are past their window
+    st.back(5)
+    assert len(st.tokens) == 15
+    again = [st.step().id for _ in range(5)]
+    assert again == first[15:]
+    st.back(20)
+    assert [st.step().id for _ in range(3)] == first[:3]
