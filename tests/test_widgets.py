@@ -200,13 +200,19 @@ def test_chat_widget_stop_really_stops_mid_reply(lm: nbllm.LM) -> None:
     deadline = time.monotonic() + 30
     while not w.reply and time.monotonic() < deadline:  # the first tokens have streamed
         time.sleep(0.002)
+    assert "Tell me a very long story" in w.messages.value and "pending" in w.messages.value
     w.stop_button.click()
     assert w.wait(30) and not w.busy
     assert w.finish_reason == "cancelled" and w.status == "stopped"
     stats = w.chat.last_stats
     assert 0 < stats.generated_tokens < 100_000 and stats.finish_reason == "cancelled"
     assert w.chat.history[-1] == {"role": "assistant", "content": w.reply}
+    first_reply = w.reply
     w.send("And then?")  # the conversation goes on, reusing the cache
+    deadline = time.monotonic() + 30
+    while not w.reply and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert html.escape(first_reply) in w.messages.value and "And then?" in w.messages.value
     w.stop()
     assert w.wait(30) and w.chat.last_stats.cached_tokens > 0 and len(w.chat.history) == 4
 

@@ -53,6 +53,7 @@ class ChatWidget(widgets.VBox):
         self._max_rate = max_rate
         self._stream: Any = None
         self._pending = ""
+        self._shown: list[dict[str, Any]] = []
         self._stop = False
         self._done = threading.Event()
         self._done.set()
@@ -89,7 +90,8 @@ class ChatWidget(widgets.VBox):
             return
         images = self._images()
         kwargs = {"images": images} if images else {}
-        if self._start(lambda: self.chat.send(text, **kwargs)):
+        shown = self._history() + [{"role": "user", "content": text}]
+        if self._start(lambda: self.chat.send(text, **kwargs), shown):
             self.input.value = ""
             self.attach.value = ()
         elif images and "images" in self.status:  # nbllm.chat may not take images yet
@@ -97,7 +99,7 @@ class ChatWidget(widgets.VBox):
 
     def regenerate(self) -> None:
         """Replace the last reply with a new one."""
-        self._start(self.chat.regenerate)
+        self._start(self.chat.regenerate, self._history()[:-1])
 
     def stop(self) -> None:
         """Stop the reply now streaming (it ends after the current token)."""
@@ -122,7 +124,7 @@ class ChatWidget(widgets.VBox):
         return self._done.wait(timeout)
 
     # -- streaming -------------------------------------------------------------
-    def _start(self, make_stream: Callable[[], Iterator[Any]]) -> bool:
+    def _start(self, make_stream: Callable[[], Iterator[Any]], shown: list[dict[str, Any]]) -> bool:
         if self.busy:
             self.status = "a reply is already streaming"
             return False
@@ -131,7 +133,7 @@ class ChatWidget(widgets.VBox):
         except (ValueError, TypeError, RuntimeError, IndexError) as err:
             self.status = str(err)
             return False
-        self._stream, self._stop, self._pending = stream, False, ""
+        self._stream, self._stop, self._pending, self._shown = stream, False, "", shown
         self.reply, self.status, self.finish_reason = "", "replying…", None
         self.busy = True
         self._done.clear()
@@ -177,8 +179,8 @@ class ChatWidget(widgets.VBox):
         self._pending += token.text
         if throttle.due():
             throttle.begin()
-            self.reply = self._pending
             self.redraw(pending=self._pending)
+            self.reply = self._pending
             throttle.end()
         return token
 
@@ -207,9 +209,9 @@ class ChatWidget(widgets.VBox):
 
     def redraw(self, pending: str | None = None) -> None:
         """Redraw the message list (``pending`` is a reply still streaming)."""
-        history = self._history()
-        if pending is not None and history and history[-1].get("role") == "assistant":
-            history = history[:-1]  # a chat may already hold the partial reply
+        # While a reply streams, show the messages it answers (the chat adds
+        # the exchange to its history only when the reply ends).
+        history = self._shown if pending is not None else self._history()
         self.n_messages = len(history)
         self.messages.value = render.messages_html(history, pending=pending)
 

@@ -108,6 +108,7 @@ def page(browser: Any, lab: Lab) -> Iterator[Any]:
     """The demo notebook in JupyterLab."""
     pg = open_notebook(browser, lab, lab.page_url("demo.ipynb"), "demo.ipynb")
     try:
+        run_cell(pg, 0).locator("table.nbllm-info").wait_for()  # %load_ext nbllm, %llm load: every test needs it
         yield pg
     finally:
         pg.screenshot(path=str(ARTIFACTS / "99-lab-final.png"), full_page=True)
@@ -140,8 +141,6 @@ def run_cell(page: Any, i: int, timeout: float = 60_000) -> Any:
 
 
 def test_llm_cell_streams_tokens_live(page: Any, lm: nbllm.LM, seed: int) -> None:
-    out0 = run_cell(page, 0)
-    out0.locator("table.nbllm-info").wait_for()
     page.evaluate(WATCH_JS)
     c = run_cell(page, 1)
     stream = c.locator(".nbllm-stream")
