@@ -8,6 +8,7 @@ Defaults are traitlets, so ``%config LLMMagics.temperature = 0.7`` works.
 
 from __future__ import annotations
 
+import html
 import shlex
 import sys
 from typing import Any
@@ -207,15 +208,22 @@ class LLMMagics(Magics):
         if args.output:
             self._ns[args.output] = completion
         if error is not None:
-            _user_errors(lambda: _raise(error))
+            raise UsageError(_one_line(error))
 
     def _print(self, ts: Any, tokens: list[Any], probs: bool) -> Any:
         from . import render
         from .tokens import Completion
 
+        from .widgets._live import Throttle
+
+        throttle = Throttle(self.max_rate)
         for token in ts:
             tokens.append(token)
             sys.stdout.write(token.text)
+            if throttle.due():  # terminals buffer by line: show tokens as they come
+                throttle.begin()
+                sys.stdout.flush()
+                throttle.end()
         sys.stdout.write("\n")
         completion = Completion.from_tokens(tokens, ts.stats)
         if self.stats:
@@ -282,12 +290,9 @@ class LLMMagics(Magics):
 
     def _loaded(self, name: str | None) -> Any:
         if name is None or name not in self.models:
-            return self._missing(name)
+            loaded = ", ".join(self.models) or "none"
+            raise UsageError(f"expected the name of a loaded model ({loaded}), got {name!r}; use %llm load PATH")
         return self.models[name]
-
-    def _missing(self, name: str | None) -> Any:
-        loaded = ", ".join(self.models) or "none"
-        raise UsageError(f"expected the name of a loaded model ({loaded}), got {name!r}; use %llm load PATH")
 
     def _conversation(self, lm: Any, system: str | None) -> Any:
         from .chat import Chat
@@ -323,7 +328,7 @@ class LLMMagics(Magics):
             return None
         from IPython.display import HTML, display
 
-        message = HTML(f"<span class='nbllm-foot' style='color:#888'>{text}</span>")
+        message = HTML(f"<span class='nbllm-foot' style='color:#888'>{html.escape(text)}</span>")
         if handle is None:
             return display(message, display_id=True)
         handle.update(message)
@@ -367,10 +372,6 @@ def _parse(magic: Any, line: str) -> Any:
     return magic.parser.parse_args(argv)
 
 
-def _raise(error: BaseException) -> None:
-    raise error
-
-
 def _user_errors(call: Any) -> Any:
     """Run ``call``; core errors become a one-line ``UsageError``."""
     try:
@@ -378,8 +379,11 @@ def _user_errors(call: Any) -> Any:
     except UsageError:
         raise
     except _USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(message) from None
+        raise UsageError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def load_ipython_extension(ipython: Any) -> None:
