@@ -49,10 +49,10 @@ def scripted(n: int, seed: int = 1, lines: int = 3) -> list[str]:
 
 
 def history_of(lm: Any, n_tokens: int) -> list[dict[str, str]]:
-    """Scripted user/assistant exchanges whose rendering is about ``n_tokens`` long."""
+    """Scripted user/assistant exchanges; all but the last reply render to at least ``n_tokens``."""
     texts = scripted(400, seed=2)
     msgs: list[dict[str, str]] = []
-    while len(lm.encode(msgs, system=SYSTEM) if msgs else []) < n_tokens:
+    while len(lm.encode(msgs[:-1], system=SYSTEM) if msgs else []) < n_tokens:
         k = len(msgs)
         msgs += [{"role": "user", "content": texts[k]}, {"role": "assistant", "content": texts[k + 1] + " " + texts[k + 2]}]
     return msgs
@@ -77,18 +77,19 @@ def ttft(lm: Any, n_tokens: int, repeats: int) -> dict[str, Any]:
     warm = Chat(lm, SYSTEM, history=history[:-2], max_tokens=8)
     warm.send(history[-2]["content"]).completion()  # the previous turn: the whole history goes through the cache
     question = "Tell me more."  # a short follow-up, as most chat turns are
-    warm_t, cold_t, raw_t, ids = [], [], [], set()
+    warm_t, cold_t, raw_t, same, prompts = [], [], [], [], set()
     for _ in range(repeats):  # interleaved, so drift hits all alike
-        dt, tok, prompt = first_token(warm, question)
+        dt, warm_tok, prompt = first_token(warm, question)
         warm_t.append(dt)
-        ids.add(tok)
         cold = Chat.from_json(lm, warm.to_json(), max_tokens=8)  # same history, empty cache
-        dt, tok, _ = first_token(cold, question)
+        dt, cold_tok, _ = first_token(cold, question)
         cold_t.append(dt)
-        ids.add(tok)
         raw_t.append(raw_first_token(lm, warm, question))
+        same.append(warm_tok == cold_tok)
+        prompts.add(prompt)
+    assert len(prompts) == 1, prompts  # every repeat saw the same history
     return {"prompt": prompt, "warm": statistics.median(warm_t), "cold": statistics.median(cold_t),
-            "raw": statistics.median(raw_t), "same": len(ids) == 1}
+            "raw": statistics.median(raw_t), "same": all(same)}
 
 
 def raw_first_token(lm: Any, chat: Any, text: str) -> float:
@@ -97,8 +98,7 @@ def raw_first_token(lm: Any, chat: Any, text: str) -> float:
 
     reply = chat.send(text)
     ids = reply.prompt_ids
-    reply.close()
-    chat.undo()
+    reply.close()  # closed before its first token: the history is unchanged
     t = time.perf_counter()
     next(iter(mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=1)))
     return time.perf_counter() - t
