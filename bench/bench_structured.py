@@ -6,7 +6,8 @@
 Rows, per vocabulary (and per model shape):
   * decode tok/s constrained (a JSON schema) / unconstrained, same model, same run, target >= 0.9
   * per-token constraint cost: llguidance's mask alone, and the whole processor (mask + mx.where + eval)
-  * compile time of a mid-size schema (cold, and from the per-tokenizer cache), tokenizer setup once
+  * compile time of a mid-size schema (cold, and from the per-tokenizer cache), tokenizer setup once,
+    and outlines-core's index build for the same schema as a reference (first shape only)
 
 The fixture tokenizer (``nbllm.fixtures.make_model``) is trained on a few hundred
 lines, which cannot reach 32K merges. ``big_vocab_model`` trains the same kind
@@ -111,7 +112,7 @@ def big_vocab_model(path: Path, vocab_size: int, shape: dict[str, Any], arch: st
 
 
 def decode_ratio(lm: Any, n: int, rounds: int) -> tuple[float, float, float]:
-    """Median constrained and unconstrained decode tok/s (alternating rounds) and their ratio."""
+    """Median constrained and unconstrained decode tok/s, and the median of per-round ratios (order alternates)."""
     prompt = "Give me a list of people as JSON."
     free: list[float] = []
     constrained: list[float] = []
@@ -123,8 +124,8 @@ def decode_ratio(lm: Any, n: int, rounds: int) -> tuple[float, float, float]:
             if got != n:
                 raise RuntimeError(f"expected {n} tokens, got {got}: the output ended early")
             rates.append(ts.stats.generation_tps)
-    a, b = statistics.median(constrained), statistics.median(free)
-    return a, b, a / b
+    ratios = [c / f for c, f in zip(constrained, free)]  # per round: pairs see similar machine load
+    return statistics.median(constrained), statistics.median(free), statistics.median(ratios)
 
 
 def mask_costs(lm: Any, n: int) -> tuple[float, float, float]:
@@ -177,6 +178,24 @@ def compile_times(lm: Any, repeats: int) -> tuple[float, float]:
     return statistics.median(cold) * 1e3, (time.perf_counter() - t) / repeats * 1e3
 
 
+def outlines_core_compile(lm: Any) -> float:
+    """Seconds for outlines-core to build its token index for the same mid-size schema (for reference)."""
+    from outlines_core import Index, Vocabulary
+    from outlines_core.json_schema import build_regex_from_schema
+
+    from nbllm.grammar import ll_tokenizer
+
+    ll = ll_tokenizer(lm.tokenizer)
+    eos = min(lm.tokenizer.eos_token_ids)
+    pieces: dict[bytes, list[int]] = {}
+    for i in range(ll.vocab_size):
+        if not ll.is_special_token(i):
+            pieces.setdefault(ll.decode_bytes([i]), []).append(i)
+    t = time.perf_counter()
+    Index(build_regex_from_schema(json.dumps(PERSON)), Vocabulary(eos, pieces))
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=Path("/tmp/nbllm-bench-structured"), help="where models are built")
@@ -185,13 +204,18 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="*", default=[32_000, 150_000])
     ap.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-outlines", action="store_true", help="skip the outlines-core compile reference")
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.rounds = 60, 1
+    import os
+
     from nbllm.grammar import ll_tokenizer
 
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.tokens} tokens x {args.rounds} rounds")
     print(f"{'vocab':>7} {'model':>6} {'free tok/s':>10} {'json tok/s':>10} {'ratio':>6} "
-          f"{'mask p50 µs':>11} {'p99 µs':>7} {'proc µs':>8} {'compile ms':>10} {'cached ms':>9} {'tok setup s':>11}")
+          f"{'mask p50 µs':>11} {'p99 µs':>7} {'proc µs':>8} {'compile ms':>10} {'cached ms':>9} {'tok setup s':>11} "
+          f"{'outlines-core s':>15}")
     for vocab in args.vocab:
         for shape in args.shape:
             path = big_vocab_model(args.cache / f"llama-{shape}-{vocab}", vocab, SHAPES[shape])
@@ -202,11 +226,13 @@ def main() -> None:
             cold, warm = compile_times(lm, 5 if not args.quick else 2)
             a, b, ratio = decode_ratio(lm, args.tokens, args.rounds)
             p50, p99, full = mask_costs(lm, args.tokens)
+            ref = "-" if args.no_outlines or shape != args.shape[0] else f"{outlines_core_compile(lm):.2f}"
             print(f"{lm.vocab_size:>7} {shape:>6} {b:>10.1f} {a:>10.1f} {ratio:>6.2f} "
-                  f"{p50:>11.0f} {p99:>7.0f} {full:>8.0f} {cold:>10.1f} {warm:>9.2f} {setup:>11.2f}")
+                  f"{p50:>11.0f} {p99:>7.0f} {full:>8.0f} {cold:>10.1f} {warm:>9.2f} {setup:>11.2f} {ref:>15}")
             sys.stdout.flush()
     print("ratio = constrained / unconstrained decode tok/s (target >= 0.9); mask = llguidance alone; "
-          "proc = the whole nbllm processor per token; compile = mid-size schema, cold; cached = from the cache")
+          "proc = the whole nbllm processor per token; compile = mid-size schema, cold; cached = from the cache; "
+          "tok setup = llguidance tokenizer, once per model; outlines-core s = its index build for the same schema")
 
 
 if __name__ == "__main__":
