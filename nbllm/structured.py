@@ -16,11 +16,12 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import mlx.core as mx
-import numpy as np
 
 from .grammar import OutputSpec, compile_matcher, ll_tokenizer, output_spec
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .model import LM
     from .tokens import Completion
 
@@ -97,6 +98,8 @@ class Constraint:
         # The tokenizer's size; the mask is cut or padded to the logits' (models often pad the output layer).
         self._grammar_vocab = grammar_vocab
         self._eos = list(eos_ids)
+        import numpy as np  # here and below: keeps `import nbllm` fast
+
         self._words = np.zeros((grammar_vocab + 31) // 32, dtype=np.int32)  # llguidance's bitmask
         self._base: int | None = None
         self._consumed = 0
@@ -198,11 +201,11 @@ class Constraint:
         elif position > self._consumed:
             for token in cast(list, tokens[self._base + self._consumed :].tolist()):
                 self._consume(int(token))
-        bits = self._mask(logits.shape[-1])
+        bits, allowed = self._mask(logits.shape[-1])
         del self._steps[self._consumed :]
         for old in self._steps[-_KEEP_LOGITS:-_KEEP_LOGITS + 1]:
             old.release()
-        self._steps.append(_Step(int(np.count_nonzero(bits)), logits=logits, bits=bits))
+        self._steps.append(_Step(allowed, logits=logits, bits=bits))
         # mx.where, not a Metal kernel: the same code runs on CPU and GPU.
         return mx.where(mx.array(bits), logits, -mx.inf)
 
@@ -212,8 +215,10 @@ class Constraint:
                              f"({self._matcher.get_error()})")
         self._consumed += 1
 
-    def _mask(self, size: int) -> np.ndarray:
-        """The allowed tokens as a bool vector of the logits' length (llguidance's bitmask, unpacked)."""
+    def _mask(self, size: int) -> tuple[np.ndarray, int]:
+        """The allowed tokens as a bool vector of the logits' length (llguidance's bitmask, unpacked), and their count."""
+        import numpy as np
+
         m = self._matcher
         if m.is_stopped() or m.is_error():
             bits = np.zeros(size, dtype=np.bool_)
@@ -222,7 +227,7 @@ class Constraint:
             bits = np.unpackbits(self._words.view(np.uint8), count=size, bitorder="little").view(np.bool_)
         if m.is_stopped() or not bits.any():  # complete (or stuck): only EOS, so generation ends
             bits[[e for e in self._eos if e < size]] = True
-        return bits
+        return bits, int(np.count_nonzero(bits))
 
 
 _KEEP_LOGITS = 4  # steps whose logits stay referenced for masked_prob (stream() asks one step behind)
@@ -241,6 +246,8 @@ class _Step:
     def removed(self) -> float | None:
         if self._removed is None and self._logits is not None and self._bits is not None:
             # In numpy, on demand: mlx's exp over a 150K vocabulary costs ~1 ms on CPU per token.
+            import numpy as np
+
             x = np.array(self._logits.astype(mx.float32)).reshape(-1)
             e = np.exp(x - x.max())
             kept = e[self._bits].sum(dtype=np.float64) / e.sum(dtype=np.float64)
