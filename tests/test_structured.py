@@ -256,8 +256,10 @@ def test_stepper_back_branch_and_choose(lm: nbllm.LM) -> None:
         st.step()
     first = list(st.ids)
     assert re.fullmatch(pattern, st.text) and st.tokens[-1].special
-    st.back(1)  # un-take EOS only: the grammar keeps its state
+    st.back(1)  # un-take EOS only: the grammar keeps its state, so EOS is all it allows
     assert not st.done and st.constraint.is_complete
+    assert st.step().forced and st.ids == first
+    st.back(1)
     st.back(len(st.tokens))  # to the prompt: the grammar is back at its start
     assert not st.constraint.is_complete
     with pytest.raises(ValueError, match="not allowed by the constraint"):
@@ -265,10 +267,11 @@ def test_stepper_back_branch_and_choose(lm: nbllm.LM) -> None:
     greedy = nbllm.Stepper(lm, "code:", regex=pattern)
     while not greedy.done:
         greedy.step()
+    before = list(greedy.ids)
     greedy.back(3)
     while not greedy.done:
         greedy.step()
-    assert re.fullmatch(pattern, greedy.text)
+    assert greedy.ids == before  # the rolled-back grammar gives the same masks again
     # A branch gets its own grammar state: different choices on each side stay valid.
     st.choose("x")
     twin = st.branch()
@@ -280,7 +283,6 @@ def test_stepper_back_branch_and_choose(lm: nbllm.LM) -> None:
             s.step()
         assert re.fullmatch(pattern, s.text)
     assert st.text.startswith("a") and twin.text.startswith("x")
-    assert first[: len(st.prompt_ids)] == st.prompt_ids
 
 
 def test_processor_masks_padded_vocab_and_rolls_back(lm: nbllm.LM) -> None:
