@@ -188,6 +188,7 @@ class ChatWidget(widgets.VBox):
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+        self.redraw()  # the settled history first, so the status below never runs ahead of it
         self.reply, self._pending = self._pending, ""
         self.finish_reason = getattr(last, "finish_reason", None) or ("cancelled" if self._stop else None)
         stats = getattr(self.chat, "last_stats", None) or getattr(stream, "stats", None)
@@ -200,7 +201,6 @@ class ChatWidget(widgets.VBox):
         self.busy = False
         self.stop_button.disabled = True
         self.send_button.disabled = self.regenerate_button.disabled = self.reset_button.disabled = False
-        self.redraw()
         self._done.set()
 
     # -- drawing ---------------------------------------------------------------

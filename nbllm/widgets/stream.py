@@ -110,8 +110,8 @@ class StreamView(widgets.VBox):
         self.finish_reason = reason or (self.tokens[-1].finish_reason if self.tokens else None)
         self.status = "interrupted" if reason == "interrupted" else ("cancelled" if self.finish_reason == "cancelled" else "done")
         self._progress.layout.display = "none"
+        self.redraw()  # the last tokens before the footer that says generation ended
         self._foot.value = f"<div class='nbllm-foot'>{html.escape(render.stats_line(stats, self.finish_reason))}</div>"
-        self.redraw()
 
     def clear(self) -> None:
         """Forget all tokens."""

@@ -205,8 +205,9 @@ def test_chat_send_then_stop_mid_reply(page: Any) -> None:
     c.screenshot(path=str(ARTIFACTS / "03-chat-streaming.png"))
     chat.get_by_role("button", name="Stop").click()
     expect(chat.locator(".nbllm-status")).to_have_text("stopped")
-    assert chat.locator(".nbllm-msg.user").count() == 1 and chat.locator(".nbllm-msg.assistant").count() == 1
-    assert chat.locator(".nbllm-msg.pending").count() == 0
+    expect(chat.locator(".nbllm-msg.pending")).to_have_count(0)
+    expect(chat.locator(".nbllm-msg.user")).to_have_count(1)
+    expect(chat.locator(".nbllm-msg.assistant")).to_have_count(1)
     expect(chat.locator(".nbllm-foot")).to_contain_text("finish: cancelled")
     c.screenshot(path=str(ARTIFACTS / "04-chat-stopped.png"))
     after = run_cell(page, 4)
