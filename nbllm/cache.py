@@ -100,6 +100,9 @@ class PromptCache:
         self.kv_group_size, self.prefill_step_size = kv_group_size, prefill_step_size
         self._layers: list[Any] | None = None
         self._ids: list[int] = []
+        # Content hashes of the images behind the ids: the same placeholder ids
+        # with other images must not reuse the cache.
+        self._media: tuple[str, ...] = ()
         # (ids it covers, per layer: a copy, or None for a layer that is rolled back by trimming)
         self._snap: tuple[list[int], list[Any]] | None = None
         self._busy, self._stats = False, CacheStats()
@@ -148,15 +151,22 @@ class PromptCache:
         return self._cut(n)
 
     # -- the CacheLike hook used by stream() -----------------------------------
-    def prepare(self, ids: Sequence[int]) -> tuple[list[Any], int]:
+    def prepare(self, ids: Sequence[int], media: Sequence[str] = ()) -> tuple[list[Any], int]:
         """Make the layers cover the longest usable prefix of the prompt ``ids``.
+
+        Args:
+            ids: The prompt's token ids.
+            media: Content hashes of the prompt's images (``LM.media_key``); when
+                they differ from the cached prompt's, nothing is reused.
 
         Returns:
             ``(layers, n)``: layers covering ``ids[:n]``, ``n < len(ids)`` (mlx-lm must run one token).
         """
         ids = _check_ids(ids, self.lm.vocab_size)
         self._check_free()
-        n = self._reuse(ids, len(ids) - 1)
+        media = tuple(media)
+        n = self._reuse(ids, len(ids) - 1 if media == self._media else 0)
+        self._media = media
         self._busy = True
         return self._layers, n  # type: ignore[return-value]
 
@@ -216,7 +226,8 @@ class PromptCache:
         self._check_free()
         if self._layers is None:
             raise ValueError("save: expected a cache holding tokens, got an empty cache")
-        settings = {"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size}
+        settings = {"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size,
+                    "media": list(self._media)}
         return cache_file.write(self.lm, self._layers, self._ids, settings, path)
 
     @classmethod
@@ -230,8 +241,9 @@ class PromptCache:
         from . import cache_file
 
         layers, ids, settings = cache_file.read(lm, path)
+        media = tuple(settings.pop("media", ()))
         cache = cls(lm, **settings)
-        cache._layers, cache._ids = layers, ids
+        cache._layers, cache._ids, cache._media = layers, ids, media
         return cache
 
     # -- internals ---------------------------------------------------------------

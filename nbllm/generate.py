@@ -26,8 +26,11 @@ __all__ = ["TokenStream", "stream", "generate", "CacheLike"]
 class CacheLike(Protocol):
     """What ``stream`` needs from a reusable prompt cache (see ``nbllm.PromptCache``)."""
 
-    def prepare(self, ids: list[int]) -> tuple[list[Any], int]:
-        """Return mlx-lm cache layers covering ``ids[:n]`` and ``n`` (< len(ids))."""
+    def prepare(self, ids: list[int], media: Sequence[str] = ()) -> tuple[list[Any], int]:
+        """Return mlx-lm cache layers covering ``ids[:n]`` and ``n`` (< len(ids)).
+
+        ``media`` identifies the prompt's images: other images, no reuse.
+        """
         ...
 
     def commit(self, ids: list[int]) -> None:
@@ -172,7 +175,7 @@ def _run(
         extra = extra + [constraint.processor]
     reusable = hasattr(prompt_cache, "prepare")
     if reusable:
-        layers, reused = prompt_cache.prepare(ids)
+        layers, reused = prompt_cache.prepare(ids, lm.media_key(ids))
     else:
         layers = prompt_cache if prompt_cache is not None else make_prompt_cache(lm.model, max_kv_size=max_kv_size)
         reused = 0

@@ -168,6 +168,10 @@ class LM:
             raise ValueError(f"images: {self.name} is a text-only model; load a vision model to use images")
         return None
 
+    def media_key(self, ids: Sequence[int]) -> tuple[str, ...]:
+        """Content hashes of the images behind prompt ``ids`` (none for a text model)."""
+        return ()
+
     # -- generation (thin wrappers, so `lm.stream(...)` reads naturally) ----
     def stream(self, prompt: Any, **kwargs: Any) -> "TokenStream":
         """Stream ``Token`` records; see ``nbllm.stream``."""

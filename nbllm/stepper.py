@@ -89,7 +89,7 @@ class Stepper:
             self._cache = make_prompt_cache(lm.model)
             self._prefill(self.prompt_ids, embeddings, prefill_step_size)
         else:
-            self._cache, reused = prompt_cache.prepare(self.prompt_ids)
+            self._cache, reused = prompt_cache.prepare(self.prompt_ids, lm.media_key(self.prompt_ids))
             try:
                 emb = embeddings[reused:] if embeddings is not None else None
                 self._prefill(self.prompt_ids[reused:], emb, prefill_step_size)

@@ -168,6 +168,11 @@ class VisionLM(LM):
             raise ValueError(f"images: the messages have {vision.missing} image part(s) without an image, expected as many images=, got 0")
         return self._embed(list(ids), vision)
 
+    def media_key(self, ids: Sequence[int]) -> tuple[str, ...]:
+        """Content hashes of the images behind ``ids`` (after ``prepare_inputs``)."""
+        vision = getattr(ids, "vision", None)
+        return tuple(vision.digests) if vision is not None else ()
+
     # -- internals: text + images -> ids -------------------------------------
     def _encode(self, prompt: Any, system: str | None, raw: bool, extra: list[Any]) -> _Prompt:
         from mlx_vlm.prompt_utils import get_chat_template

@@ -167,6 +167,22 @@ def test_followup_reuses_prompt_cache_and_image_features(vlm: VisionLM, vision_d
     assert vlm.image_cache.misses == misses + 1
 
 
+def test_same_size_other_image_does_not_reuse_the_cache(vlm: VisionLM, vision_dir: Path) -> None:
+    from PIL import ImageOps
+
+    a = make_image(64, 48, seed=0)
+    b = ImageOps.invert(a)  # same size, so the same placeholder ids
+    turn = [{"role": "user", "content": "What is this?"}]
+    assert vlm.encode(turn, images=a) == vlm.encode(turn, images=b)
+    cache = PromptCache(vlm)
+    vlm.generate(turn, images=a, max_tokens=6, prompt_cache=cache)
+    warm = vlm.generate(turn, images=b, max_tokens=6, prompt_cache=cache)
+    assert warm.stats.cached_tokens == 0
+    assert [t.id for t in warm.tokens] == [t.id for t in vlm.generate(turn, images=b, max_tokens=6).tokens]
+    again = vlm.generate(turn, images=b, max_tokens=6, prompt_cache=cache)
+    assert again.stats.cached_tokens > 0  # the same image again is reused
+
+
 def test_saved_prompt_cache_serves_a_followup(vlm: VisionLM, vision_dir: Path, tmp_path: Path) -> None:
     img = vision_dir / "a.png"
     cache = PromptCache(vlm)
