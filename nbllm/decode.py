@@ -23,12 +23,20 @@ class TextAssembler:
 
     ``add(id)`` returns the text that is safe to show now; text that could be
     the start of a stop string is held back until it can be decided.
+
+    mlx-lm's BPE/SentencePiece detokenizers drop the first token's leading
+    space, right for a chat reply but wrong for a completion: "The capital of
+    France is" continues with " Paris". ``continuation=True`` keeps it.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), continuation: bool = False):
         # A private copy: mlx-lm's wrapper shares one detokenizer per tokenizer.
         self._detok = copy.copy(tokenizer.detokenizer)
         self._detok.reset()
+        if continuation and not isinstance(getattr(type(self._detok), "text", None), property):
+            # They trim only while their text is empty: start it with one char
+            # and move the read offset past it, so it is never shown.
+            self._detok.text, self._detok.offset = "\0", 1
         self._stop = [s for s in stop if s]
         self._pending = ""
         self.stopped = False

@@ -135,9 +135,11 @@ def stream(
     extra = list(logits_processors or [])
     make_processors(params, lm.tokenizer, lm.vocab_size)
 
+    continuation = not lm.is_chat(prompt, raw)
+
     def run(ts: TokenStream) -> Iterator[Token]:
         return _run(lm, ts, ids, embeddings, params, extra, constraint, stops, max_tokens, top_logprobs,
-                    prompt_cache, max_kv_size, prefill_step_size, progress)
+                    prompt_cache, max_kv_size, prefill_step_size, progress, continuation)
 
     return TokenStream(run, ids, constraint)
 
@@ -164,7 +166,7 @@ def _constraint_from(lm: "LM", constraint: Any, options: dict[str, Any]) -> Any:
 def _run(
     lm: "LM", ts: TokenStream, ids: list[int], embeddings: mx.array | None, params: SamplingParams,
     extra: list[LogitsProcessor], constraint: Any, stops: list[str], max_tokens: int, k: int,
-    prompt_cache: Any, max_kv_size: int | None, prefill_step_size: int, progress: Any,
+    prompt_cache: Any, max_kv_size: int | None, prefill_step_size: int, progress: Any, continuation: bool,
 ) -> Iterator[Token]:
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
@@ -191,7 +193,7 @@ def _run(
         logits_processors=procs or None, prompt_cache=layers, prefill_step_size=prefill_step_size,
         prompt_progress_callback=progress, input_embeddings=embeddings,
     )
-    text = TextAssembler(lm.tokenizer, stops)
+    text = TextAssembler(lm.tokenizer, stops, continuation=continuation)
     eos = lm.tokenizer.eos_token_ids
     generated: list[int] = []
     first = 0.0

@@ -159,6 +159,10 @@ class LM:
             raise ValueError("prompt: expected at least one token, got an empty prompt")
         return ids
 
+    def is_chat(self, prompt: Any, raw: bool = False) -> bool:
+        """Whether ``encode`` wraps ``prompt`` in the chat template (a reply starts fresh)."""
+        return not raw and bool(self.tokenizer.has_chat_template) and (isinstance(prompt, str) or _is_messages(prompt))
+
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids)))
 

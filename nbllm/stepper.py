@@ -97,7 +97,8 @@ class Stepper:
                 prompt_cache.commit(self.prompt_ids)
             # back()/branch() move this cache; the shared one keeps the prompt.
             self._cache = copy.deepcopy(self._cache)
-        self._text = TextAssembler(lm.tokenizer)
+        self._continuation = not lm.is_chat(prompt, raw)
+        self._text = TextAssembler(lm.tokenizer, continuation=self._continuation)
         self.text = ""
 
     # -- state ---------------------------------------------------------------
@@ -243,7 +244,7 @@ class Stepper:
         mx.eval(self._logprobs)
 
     def _retext(self) -> None:
-        self._text = TextAssembler(self.lm.tokenizer)
+        self._text = TextAssembler(self.lm.tokenizer, continuation=self._continuation)
         self.text = ""
         for t in self.tokens:
             self.text += self._text.flush() if t.special else self._text.add(t.id)

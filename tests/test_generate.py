@@ -244,3 +244,16 @@ def test_caller_supplied_mlx_cache_continues(lm: nbllm.LM) -> None:
     assert cache[0].offset == len(ids) + 5
     ref = [t.id for t in lm.stream(ids, max_tokens=5)]
     assert first == ref
+
+
+def test_completion_keeps_the_leading_space_a_chat_reply_drops_it(lm: nbllm.LM) -> None:
+    (space_id,) = lm.tokenizer.encode(" How", add_special_tokens=False)
+    bias = {space_id: 100.0}
+    raw = list(lm.stream("Hello world", raw=True, max_tokens=2, logit_bias=bias))
+    assert raw[0].text == " How" and raw[0].piece == " How"
+    assert "".join(t.text for t in raw) == lm.decode([t.id for t in raw])
+    chat = list(lm.stream("Hello world", max_tokens=2, logit_bias=bias))
+    assert chat[0].text == "How"
+    st = lm.stepper("Hello world", raw=True, logit_bias=bias)
+    st.step()
+    assert st.text == " How"
