@@ -38,6 +38,7 @@ class _Message:
     role: str
     content: str
     ids: tuple[int, ...] | None = None  # an assistant reply's generated tokens, EOS excluded
+    images: tuple[Any, ...] = ()  # a user message's images (vision models), shown before its text
 
 
 @dataclass
@@ -183,16 +184,21 @@ class Chat:
         self._system = value
 
     # -- conversation --------------------------------------------------------
-    def send(self, text: str, **overrides: Any) -> ChatReply:
+    def send(self, text: str, images: Any = None, **overrides: Any) -> ChatReply:
         """Send a user message; returns the reply as a stream of ``Token``s.
 
         Args:
             text: The message (non-empty).
+            images: Image(s) for this message (vision models): path, URL, PIL
+                image, array or bytes. Later turns about them reuse the cache.
             **overrides: Settings for this reply only (as in the constructor).
         """
         _check_text(text, "send")
+        pictures = tuple(images) if isinstance(images, (list, tuple)) else (() if images is None else (images,))
+        if pictures and not self.lm.is_vision:
+            raise ValueError(f"images: {self.lm.name} is a text-only model; load a vision model to use images")
         self._settle()
-        return self._start(list(self._messages), _Message("user", text), overrides)
+        return self._start(list(self._messages), _Message("user", text, images=pictures), overrides)
 
     def regenerate(self, **overrides: Any) -> ChatReply:
         """Answer the last user message again; the new reply replaces the old one when it arrives."""
@@ -221,7 +227,7 @@ class Chat:
         if not -n <= i < n:
             raise IndexError(f"edit: expected an index in [{-n}, {n}), got {i}")
         old = self._messages[i]
-        self._messages[i] = _Message(old.role, text)
+        self._messages[i] = _Message(old.role, text, images=old.images)
         self._rewind()
 
     def reset(self) -> None:
@@ -233,8 +239,11 @@ class Chat:
     # -- views -------------------------------------------------------------------
     @property
     def history(self) -> list[dict[str, Any]]:
-        """The finished messages as ``{"role", "content"}`` dicts (system message excluded)."""
-        return [_as_dict(m) for m in self._messages]
+        """The finished messages as ``{"role", "content"}`` dicts (system message excluded).
+
+        A user message with images also has ``"images"``: how many.
+        """
+        return [dict(_as_dict(m), **({"images": len(m.images)} if m.images else {})) for m in self._messages]
 
     @property
     def last_stats(self) -> TurnStats | None:
@@ -264,7 +273,8 @@ class Chat:
     def to_markdown(self) -> str:
         """The conversation as Markdown, one section per message."""
         parts = [f"**System:** {self.system}"] if self.system else []
-        parts += [f"### {m.role.capitalize()}\n\n{m.content}" for m in self._messages]
+        parts += [f"### {m.role.capitalize()}\n\n" + (f"*[{len(m.images)} image(s)]*\n\n" if m.images else "") + m.content
+                  for m in self._messages]
         return "\n\n".join(parts) + "\n"
 
     # -- internals -----------------------------------------------------------------
@@ -274,7 +284,9 @@ class Chat:
         self._check_settings(overrides)
         ids = self._prompt_ids(base + [user], generation=True)
         progress = progress_bar(min_total=512) if self.progress else None
-        ts = stream(self.lm, ids, prompt_cache=self.cache, progress=progress, **{**self.settings, **overrides})
+        images = [image for m in base + [user] for image in m.images]
+        ts = stream(self.lm, ids, prompt_cache=self.cache, progress=progress, images=images or None,
+                    **{**self.settings, **overrides})
         self._pending = ChatReply(self, ts, list(base), user, len(self.cache.ids))
         return self._pending
 
@@ -327,7 +339,7 @@ class Chat:
         return ids + self._encode(full[len(text):])
 
     def _render(self, msgs: list[_Message], generation: bool) -> str:
-        dicts = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [_as_dict(m) for m in msgs]
+        dicts = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [_template_dict(m) for m in msgs]
         return str(self.lm.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation))
 
     def _encode(self, text: str) -> list[int]:
@@ -367,6 +379,13 @@ def _same_text(decoded: str, content: str) -> bool:
 
 def _as_dict(m: _Message) -> dict[str, Any]:
     return {"role": m.role, "content": m.content}
+
+
+def _template_dict(m: _Message) -> dict[str, Any]:
+    # Image parts make the template emit one marker per image; prepare_inputs expands them.
+    if not m.images:
+        return _as_dict(m)
+    return {"role": m.role, "content": [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.content}]}
 
 
 def _check_text(text: Any, where: str) -> None:

@@ -131,6 +131,9 @@ def stream(
     ids = lm.encode(prompt, system=system, raw=raw)
     image_list = _as_list(images)
     embeddings = lm.prepare_inputs(ids, image_list)
+    if embeddings is not None:
+        # Computed here, not lazily: the stream may be iterated on another thread.
+        mx.eval(embeddings)
     # Validate everything that can fail before touching the cache.
     extra = list(logits_processors or [])
     make_processors(params, lm.tokenizer, lm.vocab_size)

@@ -92,6 +92,7 @@ class LanguageAdapter(nn.Module):
 
     def remember(self, ids: list[int], embeddings: mx.array, positions: mx.array, delta: int) -> None:
         """Keep a prepared prompt's mRoPE positions ``(3, len(ids))`` for its prefill."""
+        mx.eval(embeddings, positions)  # now: the prefill may run on another thread
         self._plans.append(_Plan(next(self._keys), ids, embeddings, positions, delta))
 
     def _has_image_tokens(self, inputs: mx.array) -> bool:

@@ -346,3 +346,28 @@ def _flat(tree: Any) -> list[tuple[str, mx.array]]:
     from mlx.utils import tree_flatten
 
     return list(tree_flatten(tree))
+
+
+def test_chat_about_an_image_reuses_the_cache(vlm: VisionLM, vision_dir: Path) -> None:
+    img = vision_dir / "a.png"
+    chat = nbllm.Chat(vlm, max_tokens=6)
+    first = chat.send("What is in the picture?", images=img).completion()
+    assert chat.history[0]["images"] == 1 and "[1 image(s)]" in chat.to_markdown()
+    misses = vlm.image_cache.misses
+    second = chat.send("And its colour?").completion()
+    image_tokens = sum(t in vlm.model.image_ids for t in chat.cache.ids)
+    assert image_tokens > 0 and second.stats.cached_tokens > image_tokens  # the image came from the cache
+    assert vlm.image_cache.misses == misses  # and the vision tower did not run again
+    cold = nbllm.Chat(vlm, max_tokens=6)
+    assert cold.send("What is in the picture?", images=img).completion().text == first.text
+    cold.cache.clear()
+    again = cold.send("And its colour?").completion()
+    assert again.stats.cached_tokens == 0
+    assert [t.id for t in again.tokens] == [t.id for t in second.tokens]
+
+
+def test_chat_with_images_on_a_text_model_is_refused(lm: nbllm.LM, vision_dir: Path) -> None:
+    chat = nbllm.Chat(lm)
+    with pytest.raises(ValueError, match="text-only model"):
+        chat.send("hi", images=vision_dir / "a.png")
+    assert chat.history == []

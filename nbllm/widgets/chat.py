@@ -94,8 +94,6 @@ class ChatWidget(widgets.VBox):
         if self._start(lambda: self.chat.send(text, **kwargs), shown):
             self.input.value = ""
             self.attach.value = ()
-        elif images and "images" in self.status:  # nbllm.chat may not take images yet
-            self.status = f"image attach: this chat cannot take images ({self.status})"
 
     def regenerate(self) -> None:
         """Replace the last reply with a new one."""
