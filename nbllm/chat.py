@@ -101,6 +101,11 @@ class ChatReply:
         return self._ts.prompt_ids
 
     @property
+    def constraint(self) -> Any:
+        """The structured-output constraint of this reply, if any."""
+        return self._ts.constraint
+
+    @property
     def finish_reason(self) -> str | None:
         if self.tokens and self.tokens[-1].finish_reason:
             return self.tokens[-1].finish_reason
@@ -118,7 +123,10 @@ class ChatReply:
         """Read the reply to the end and return it as a ``Completion``."""
         for _ in self:
             pass
-        return Completion.from_tokens(self.tokens, self._ts.stats)
+        completion = Completion.from_tokens(self.tokens, self._ts.stats)
+        if self.constraint is not None:
+            completion.value = self.constraint.finish(completion)
+        return completion
 
     def _finish(self) -> None:
         if self.done:

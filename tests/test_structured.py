@@ -311,8 +311,9 @@ def test_constrained_reply_in_a_chat(lm: nbllm.LM) -> None:
     schema = SCHEMAS["enum_bounds"]
     constraint = make_constraint(lm, schema=schema)
     reply = chat.send("Now answer in JSON.", constraint=constraint, max_tokens=300).completion()
-    jsonschema.validate(constraint.finish(reply), schema)
+    jsonschema.validate(reply.value, schema)
+    assert reply.value == constraint.finish(reply)
     assert chat.history[-1] == {"role": "assistant", "content": reply.text}
     assert chat.last_stats.cached_tokens > 0  # the constrained turn reused the conversation's cache
     third = chat.send("A or B?", choices=["A", "B"]).completion()
-    assert third.text in ("A", "B") and chat.history[-1]["content"] == third.text
+    assert third.text in ("A", "B") and third.value == third.text and chat.history[-1]["content"] == third.text
