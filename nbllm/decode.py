@@ -8,11 +8,11 @@ figures (logprob, top alternatives under the model and under the sampler).
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence, cast
+from typing import Any, Sequence
 
 import mlx.core as mx
 
-from .sampling import SamplingParams, sampled_logprobs
+from .sampling import SamplingParams, sampled_probs
 from .tokens import Alternative
 
 __all__ = ["TextAssembler", "describe", "piece_of"]
@@ -136,18 +136,17 @@ def describe(
     Returns:
         ``(logprob, sampled_prob, top)``; ``sampled_prob`` is ``None`` when ``k == 0``.
     """
+    import numpy as np
+
+    # A numpy view of the evaluated vector: indexing it needs no new mlx work,
+    # which would queue behind the step mlx-lm has already started.
+    lp = np.asarray(logprobs if logprobs.dtype == mx.float32 else logprobs.astype(mx.float32))
     if k <= 0:
-        return _scalar(logprobs[token_id]), None, ()
-    k = min(k, logprobs.shape[-1])
-    sampled = sampled_logprobs(logprobs, params)
-    idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
-    lps, sps, own, chosen = logprobs[idx], mx.exp(sampled[idx]), mx.exp(sampled[token_id]), logprobs[token_id]
-    mx.eval(idx, lps, sps, own, chosen)
-    cols = cast(tuple[list[int], list[float], list[float]], (idx.tolist(), lps.tolist(), sps.tolist()))
-    rows = sorted(zip(*cols), key=lambda r: -r[1])
-    top = tuple(Alternative(i, piece_of(tokenizer, i, memo), lp, sp) for i, lp, sp in rows)
-    return _scalar(chosen), _scalar(own), top
+        return float(lp[token_id]), None, ()
+    k = min(k, lp.shape[-1])
+    idx = np.argpartition(-lp, k - 1)[:k]
+    idx = idx[np.argsort(-lp[idx], kind="stable")]
+    probs = sampled_probs(lp, params, np.append(idx, token_id))
+    top = tuple(Alternative(int(i), piece_of(tokenizer, int(i), memo), float(lp[i]), float(p)) for i, p in zip(idx, probs[:-1]))
+    return float(lp[token_id]), float(probs[-1]), top
 
-
-def _scalar(x: mx.array) -> float:
-    return float(cast(float, x.item()))

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
 
-__all__ = ["SamplingParams", "LogitsProcessor", "make_processors", "make_token_sampler", "sampled_logprobs"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["SamplingParams", "LogitsProcessor", "make_processors", "make_token_sampler", "sampled_logprobs", "sampled_probs"]
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -187,3 +190,47 @@ def sampled_logprobs(logprobs: mx.array, params: SamplingParams) -> mx.array:
         x = apply_top_k(x, params.top_k)
     x = x / params.temperature
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def sampled_probs(logprobs: "np.ndarray", params: SamplingParams, ids: "np.ndarray") -> "np.ndarray":
+    """Probabilities of ``ids`` under the sampler's distribution, in numpy.
+
+    The same distribution as ``sampled_logprobs`` (top-p -> min-p -> top-k,
+    then temperature), computed on a float32 vector without sorting the whole
+    vocabulary when the nucleus is small, so it costs microseconds per token
+    rather than a full sort.
+    """
+    import numpy as np
+
+    lp = logprobs
+    if params.greedy:
+        return (ids == int(np.argmax(lp))).astype(np.float64)
+    keep = np.ones(lp.shape[-1], dtype=bool)
+    if 0.0 < params.top_p < 1.0:
+        keep &= lp >= _nucleus_threshold(lp, params.top_p)
+    if params.min_p > 0.0:
+        keep &= lp >= lp.max() + math.log(params.min_p)
+    if 0 < params.top_k < lp.shape[-1]:
+        top = np.zeros_like(keep)
+        top[np.argpartition(-lp, params.top_k - 1)[: params.top_k]] = True
+        keep &= top
+    scaled = lp[keep].astype(np.float64) / params.temperature
+    peak = scaled.max()
+    log_z = peak + math.log(np.exp(scaled - peak).sum())
+    out = np.exp(lp[ids].astype(np.float64) / params.temperature - log_z)
+    return np.where(keep[ids], out, 0.0)
+
+
+def _nucleus_threshold(lp: "np.ndarray", top_p: float) -> float:
+    """Smallest log-probability kept by mlx-lm's ``apply_top_p`` (the nucleus)."""
+    import numpy as np
+
+    probs_total = float(np.exp(lp.astype(np.float64)).sum())
+    for m in (256, lp.shape[-1]):  # a small head almost always holds the nucleus
+        m = min(m, lp.shape[-1])
+        head = np.sort(lp[np.argpartition(-lp, m - 1)[:m]] if m < lp.shape[-1] else lp)[::-1]
+        mass_before = np.concatenate([[0.0], np.cumsum(np.exp(head.astype(np.float64)))[:-1]])
+        kept = int((mass_before < top_p * probs_total).sum())
+        if kept < m or m == lp.shape[-1]:
+            return float(head[kept - 1])
+    raise AssertionError("unreachable")

@@ -257,3 +257,32 @@ def test_completion_keeps_the_leading_space_a_chat_reply_drops_it(lm: nbllm.LM) 
     st = lm.stepper("Hello world", raw=True, logit_bias=bias)
     st.step()
     assert st.text == " How"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"temperature": 0.0},
+        {"temperature": 0.7},
+        {"temperature": 1.3, "top_p": 0.5},
+        {"temperature": 1.0, "top_p": 0.999},
+        {"temperature": 0.9, "min_p": 0.2},
+        {"temperature": 1.0, "top_k": 7},
+        {"temperature": 0.5, "top_p": 0.8, "min_p": 0.05, "top_k": 20},
+    ],
+)
+def test_sampled_probs_match_mlx_lms_filters(opts: dict) -> None:
+    import numpy as np
+
+    from nbllm.sampling import SamplingParams, sampled_logprobs, sampled_probs
+
+    mx.random.seed(0)
+    for scale in (0.5, 3.0, 8.0):  # flat to peaked distributions
+        logits = mx.random.normal((5000,)) * scale
+        lp = logits - mx.logsumexp(logits)
+        params = SamplingParams(**opts)
+        ref = np.exp(np.asarray(sampled_logprobs(lp, params)))
+        ids = np.arange(5000)
+        ours = sampled_probs(np.asarray(lp), params, ids)
+        assert np.allclose(ours, ref, atol=1e-5), (opts, scale)
+        assert ours.sum() == pytest.approx(1.0, abs=1e-4)
