@@ -78,6 +78,8 @@ def _visible(text: str) -> str:
 def alternatives_text(token: Token, k: int = 10) -> str:
     """The token's top alternatives as lines ``'piece'  p%`` (the chosen one marked)."""
     lines = [f"{token.prob:6.1%} chosen {_piece(token.piece)}" + (" · forced" if token.forced else "")]
+    if token.masked_prob is not None:
+        lines.append(f"constraint removed {token.masked_prob:.1%} of the model's probability")
     for alt in token.top[:k]:
         mark = "▸" if alt.id == token.id else " "
         sampled = f"  (sampler {alt.sampled_prob:.1%})" if alt.sampled_prob is not None else ""

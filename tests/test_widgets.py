@@ -66,6 +66,8 @@ def test_token_span_colours_marks_and_lists_alternatives() -> None:
     tip = html.unescape(re.search(r'data-a="([^"]*)"', span).group(1))
     assert "60.0% ' the'" in tip and "▸ 30.0% ' a'" in tip
     assert 'title="' in render.token_span(tok, tooltips="title")
+    masked = Token(id=9, text=" a", piece=" a", logprob=0.0, forced=True, masked_prob=0.25)
+    assert "constraint removed 25.0% of the model's probability" in render.alternatives_text(masked)
     plain = render.token_span(Token(id=1, text="x<y", piece="x<y", logprob=0.0), colored=False)
     assert plain == '<span class="t">x&lt;y</span>'
 
