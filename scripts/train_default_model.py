@@ -14,7 +14,7 @@ The whole pipeline lives in this one file:
 
 Usage (from the repository root, with the project's venv):
 
-    nice -n 5 python scripts/train_default_model.py                  # 25 minute budget
+    nice -n 5 python scripts/train_default_model.py                  # 28 minute budget
     nice -n 5 python scripts/train_default_model.py --steps 2000     # fixed step count
     python scripts/train_default_model.py --eval-only                # re-evaluate the folder
 
@@ -37,23 +37,23 @@ CONFIG = {
     # tokenizer
     "vocab_size": 3072,
     # model (mlx_lm.models.llama.ModelArgs)
-    "hidden_size": 256,
+    "hidden_size": 192,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
-    "intermediate_size": 704,
+    "intermediate_size": 512,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
     "seq_len": 256,
     # optimisation
     "batch_size": 8,
-    "peak_lr": 2e-3,
+    "peak_lr": 2.5e-3,
     "min_lr_ratio": 0.1,
     "warmup_steps": 100,
     "weight_decay": 0.1,
     "adam_betas": (0.9, 0.95),
     "grad_clip": 1.0,
-    "default_minutes": 25.0,
+    "default_minutes": 28.0,
     # output
     "save_dtype": "float16",
 }
@@ -257,6 +257,7 @@ class Fact:
     def __init__(self, family, index, subj, ans, extra=None):
         self.family, self.index, self.subj, self.ans = family, index, subj, ans
         self.extra = extra or {}
+        self.holdout_slot = index  # which template this fact holds out (see heldout_index)
 
     def __repr__(self):
         return f"Fact({self.family}:{self.subj}->{self.ans})"
@@ -283,6 +284,13 @@ def build_facts():
     for w, o in OPPOSITE_PAIRS:
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), w, o))
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), o, w))
+    # "Sudan's capital is" is a substring of "South Sudan's capital is": such
+    # pairs hold out the same template, so neither string is ever trained
+    for fs in facts.values():
+        for f in fs:
+            for g in fs:
+                if f.subj.endswith(" " + g.subj):
+                    f.holdout_slot = g.holdout_slot
     return facts
 
 
@@ -448,7 +456,7 @@ def json_allowed(f):
 
 def heldout_index(f, n_templates):
     """The one non-anchor template index this fact never sees in training."""
-    return 1 + (f.index % (n_templates - 1))
+    return 1 + (f.holdout_slot % (n_templates - 1))
 
 
 SYSTEM_PROMPTS = [
@@ -739,7 +747,7 @@ class World:
 
     def doc(self, rng):
         kind = rng.choices(["facts", "chat", "json", "story", "sentences"],
-                           weights=[32, 30, 8, 15, 15])[0]
+                           weights=[34, 38, 10, 9, 9])[0]
         return getattr(self, "doc_" + kind)(rng) if kind != "story" else story(rng)
 
 
@@ -932,7 +940,7 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
 
     total = steps
     budget_s = None if steps else minutes * 60.0
-    calib_steps = 30
+    calib_steps = 50
     t_calib = t0 = time.time()
     t0 = time.time()
     tokens_seen = 0
@@ -1065,6 +1073,31 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
 
     def enc(s):
         return hf.encode(s, add_special_tokens=False)
+
+    def greedy_speed():
+        """mlx_lm's own generation speed (tokens/s after the prompt), batch 1."""
+        mlx_lm.generate(model, tokenizer, "Once upon a time", max_tokens=16)  # warm-up
+        r = None
+        for r in mlx_lm.stream_generate(model, tokenizer, "Once upon a time", max_tokens=128):
+            pass
+        return round(r.generation_tps, 1)
+
+    # Speed and a spot check in the stored dtype; on a CPU without fast
+    # float16 kernels this path is slow, so the full evaluation below runs
+    # with the same weights upcast to float32 (every float16 value is exact
+    # in float32).
+    res["stored_dtype"] = str(model.model.embed_tokens.weight.dtype)
+    res["greedy_tok_per_s_stored_dtype"] = greedy_speed()
+    spot = P["facts"][::12]
+    spot_out = [hf.decode(generate_greedy(model, tokenizer, enc(p["prompt"]), 6, eos_ids)[0])
+                for p in spot]
+    model.set_dtype(mx.float32)
+    res["greedy_tok_per_s"] = greedy_speed()
+    spot_out32 = [hf.decode(generate_greedy(model, tokenizer, enc(p["prompt"]), 6, eos_ids)[0])
+                  for p in spot]
+    res["fp16_vs_fp32_spot_agreement"] = f"{sum(a == b for a, b in zip(spot_out, spot_out32))}/{len(spot)}"
+    log(f"greedy tok/s: {res['greedy_tok_per_s_stored_dtype']} stored dtype, "
+        f"{res['greedy_tok_per_s']} float32; spot agreement {res['fp16_vs_fp32_spot_agreement']}")
 
     # the Jinja chat template and the corpus renderer must agree exactly
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
@@ -1209,11 +1242,6 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 80, {im_end, eot})
         samples["chat: " + msgs[-1]["content"]] = hf.decode(ids)
     res["samples"] = samples
-    # generation speed (greedy, batch 1)
-    ids = enc("Once upon a time")
-    t = time.time()
-    out, _ = generate_greedy(model, tokenizer, ids, 64, set())
-    res["greedy_tok_per_s"] = round(len(out) / (time.time() - t), 1)
     return res
 
 
@@ -1275,7 +1303,9 @@ nothing else. Outside that world it produces fluent-looking nonsense.
   `<|endoftext|>`; each row starts at a document start. Loss on every token.
 - Training time: {tr['train_seconds'] / 60:.1f} minutes of wall time ({tr['train_seconds']:.0f} s) for the
   training loop, on {report['machine']}, under `nice -n 5` with other work sharing the CPU,
-  float32 matmuls through OpenBLAS. Final training loss (EMA): {tr['final_loss_ema']}.
+  float32 matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s
+  (on an idle 2-core machine this configuration runs at roughly 3,000-3,500 tokens/s, so the
+  same run would take about a third of the time). Final training loss (EMA): {tr['final_loss_ema']}.
 - Library versions: {report['versions']}.
 
 ## Corpus
@@ -1288,15 +1318,20 @@ are left out; countries on two continents have no continent fact); the templates
 stories and generated text are part of nbllm and under its MIT license.
 
 - {cfg['corpus_docs']:,} documents, {report['corpus_chars']:,} characters, {report['corpus_tokens']:,} tokens.
-- Mix (by document): fact sentences 32%, chat conversations 30%, JSON lines 8%,
-  short stories 15%, everyday sentences 15%.
+- Mix (by document): fact sentences 34%, chat conversations 38%, JSON lines 10%,
+  short stories 9%, everyday sentences 9%.
 - Facts: {sum(n_facts.values())} in six families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
 - Chats follow the chat template, with a system message in about 40% of them
   (including a "reply with JSON" system mode), 1-3 turns, small talk and story requests.
 
-## Evaluation (measured on the shipped float16 folder)
+## Evaluation (measured on the shipped folder, loaded with `mlx_lm.load`)
 
 Reproduce: `{report['eval_command']}`
+
+The weights are loaded from the float16 file and upcast to float32 for the
+evaluation, because float16 matmuls on a CPU without fast half-precision kernels are
+several times slower (the upcast values are exactly the stored ones; a spot check of greedy
+fact answers in float16 vs float32 agreed on {ev['fp16_vs_fp32_spot_agreement']}).
 
 "Held out" means: each fact is trained in several phrasings, and for every fact one
 phrasing template is never used with that fact (the template is trained with other
@@ -1317,7 +1352,7 @@ phrasings, not knowledge of new facts.
 | JSON validity, completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% exactly right ({jp['total']} prompts) |
 | P(" Paris" \\| "The capital of France is") | {ev['p_paris']} |
 | load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call in the process {ev['load_seconds_first']:.2f} s) |
-| greedy generation speed, batch 1 | {ev['greedy_tok_per_s']:.0f} tokens/s |
+| generation speed (`mlx_lm.stream_generate`, batch 1, this CPU) | {ev['greedy_tok_per_s_stored_dtype']:.0f} tokens/s as stored ({ev['stored_dtype']}), {ev['greedy_tok_per_s']:.0f} tokens/s after `model.set_dtype(mx.float32)` |
 
 Perplexity by kind of held-out text: {', '.join(f'{k} {v:.2f}' for k, v in ev['heldout_ppl_by_kind'].items())}.
 JSON chat by kind: {', '.join(f"{k}: {v['valid']}/{v['total']} valid, {v['correct']}/{v['total']} right" for k, v in jc['by_kind'].items())}.
@@ -1331,6 +1366,21 @@ Held-out fact accuracy by family:
 Greedy samples:
 
 {samples}
+
+## Using it
+
+```python
+import mlx_lm
+model, tokenizer = mlx_lm.load("nbllm/assets/default-model")
+mlx_lm.generate(model, tokenizer, "The capital of France is", max_tokens=5)
+prompt = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": "What is the capital of France?"}}], add_generation_prompt=True)
+mlx_lm.generate(model, tokenizer, prompt, max_tokens=30)  # stops on <|im_end|>
+```
+
+On a CPU (e.g. Linux with `mlx[cpu]`), `model.set_dtype(mlx.core.float32)` after loading
+makes generation about 3x and long prompts about 10x faster (float32 matmuls use BLAS);
+Apple-silicon GPUs run float16 natively.
 
 ## Intended use and limits
 
