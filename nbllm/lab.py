@@ -67,4 +67,6 @@ def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None)
 def open_lab(folder: Path, extra: list[str]) -> None:
     """Replace this process with JupyterLab on ``folder`` (same Python, so the same nbllm)."""
     args = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}", *extra]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in extra:
+        args.append("--allow-root")  # containers (CI, Docker) often run as root
     os.execv(sys.executable, args)
