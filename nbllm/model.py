@@ -107,7 +107,7 @@ class LM:
 
     def __repr__(self) -> str:
         i = self.info
-        return f"LM({i.name!r}, {i.architecture}, {_human(i.parameters)} params, {i.dtype}, vocab {i.vocab_size})"
+        return f"{type(self).__name__}({i.name!r}, {i.architecture}, {_human(i.parameters)} params, {i.dtype}, vocab {i.vocab_size})"
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -286,7 +286,12 @@ def load(
     """
     from . import blas
 
-    blas.enable_fast_blas()
+    status = blas.enable_fast_blas()
+    if str(status["reason"]).startswith("mlx.core was imported"):
+        import warnings
+
+        warnings.warn("nbllm: mlx.core was imported before nbllm, so the fast BLAS is off (CPU matmuls up to 20x "
+                      "slower); import nbllm first", RuntimeWarning, stacklevel=2)
     if dtype not in (None, "auto", "float32", "float16", "bfloat16"):
         raise ValueError(f"dtype: expected 'auto', None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     start = time.perf_counter()

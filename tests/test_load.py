@@ -118,3 +118,17 @@ def test_fast_blas_is_loaded_on_linux() -> None:
         assert status["loaded"] is True, status
     else:
         assert status["loaded"] is False
+
+
+def test_importing_mlx_first_warns_that_fast_blas_is_off(model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    if not (sys.platform.startswith("linux") and Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0").exists()):
+        pytest.skip("fast BLAS applies to Linux with OpenBLAS installed")
+    code = f"import mlx.core, nbllm; nbllm.load({str(model_dir / 'llama')!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "mlx.core was imported before nbllm, so the fast BLAS is off" in out.stderr
+    ok = subprocess.run([sys.executable, "-c", code.replace("import mlx.core, nbllm", "import nbllm, mlx.core")],
+                        capture_output=True, text=True, check=True)
+    assert "fast BLAS is off" not in ok.stderr
