@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import nbllm  # first: it loads the fast BLAS before mlx.core
+
 # A model big enough that compute, not Python, dominates a decode step.
 BENCH_SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
                "num_attention_heads": 8, "num_key_value_heads": 4}
@@ -41,21 +43,28 @@ def _rate(fn, n_tokens: int) -> float:
 
 
 def decode_rates(path: Path, prompt_len: int, n: int, repeats: int) -> dict[str, float]:
+    import mlx.core as mx
     import mlx_lm
-
-    import nbllm
 
     lm = nbllm.load(path)
     ids = (lm.encode("The quick brown fox jumps over the lazy dog. ", raw=True) * 64)[:prompt_len]
+    eos = mx.array(sorted(lm.tokenizer.eos_token_ids))
+
+    def no_eos(tokens: mx.array, logits: mx.array) -> mx.array:
+        # every run generates exactly n tokens, on both sides
+        logits[:, eos] = -mx.inf
+        return logits
+
+    procs = [no_eos]
 
     def raw() -> int:
-        return sum(1 for _ in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n))
+        return sum(1 for _ in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n, logits_processors=procs))
 
     def ours(k: int):
-        return lambda: sum(1 for _ in nbllm.stream(lm, ids, max_tokens=n, top_logprobs=k))
+        return lambda: sum(1 for _ in nbllm.stream(lm, ids, max_tokens=n, top_logprobs=k, logits_processors=procs))
 
     def stepper() -> int:
-        st = lm.stepper(ids, top_logprobs=10)
+        st = lm.stepper(ids, top_logprobs=10, logits_processors=procs)
         t = time.perf_counter()
         for _ in range(n):
             st.step()
@@ -66,7 +75,7 @@ def decode_rates(path: Path, prompt_len: int, n: int, repeats: int) -> dict[str,
         # decode rate excluding prefill, as the stepper's figure is
         first = None
         count = 0
-        for r in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n + 1):
+        for r in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n + 1, logits_processors=procs):
             count += 1
             if first is None:
                 first = time.perf_counter()
@@ -97,7 +106,7 @@ def prefill():
     mx.eval(lm.model(mx.array(ids)[None], cache=c)); return len(ids) / (time.perf_counter() - t)
 prefill()
 p = max(prefill() for _ in range(3))
-c = lm.generate(ids, max_tokens=int(sys.argv[3]))
+c = lm.generate(ids, max_tokens=int(sys.argv[3]), logit_bias={e: -1e9 for e in lm.tokenizer.eos_token_ids})
 print(json.dumps({"blas": nbllm.blas.blas_status(), "prefill": p, "decode": c.stats.generation_tps, "dtype": lm.info.dtype}))
 """
 

@@ -197,22 +197,24 @@ class Stepper:
             raise RuntimeError(f"generation has finished ({self.finish_reason}); call back() or reset() to continue")
 
     def _take(self, token_id: int) -> Token:
-        logprob, sampled_prob, top = describe(token_id, self._logprobs, self.params, self.top_logprobs, self.lm.tokenizer, self.lm.pieces)
-        forced = bool(mx.sum(self._logprobs > -mx.inf).item() == 1) if self.constraint is not None else False
+        current, index = self._logprobs, len(self.tokens)
+        forced = bool(mx.sum(current > -mx.inf).item() == 1) if self.constraint is not None else False
+        masked = self.constraint.masked_prob(index) if self.constraint is not None else None
         is_eos = token_id in self._eos
+        if not is_eos:
+            # Start the next decode step first; the records below are built while it runs.
+            self._forward([token_id], history=self.ids + [token_id])
+        logprob, sampled_prob, top = describe(token_id, current, self.params, self.top_logprobs, self.lm.tokenizer, self.lm.pieces)
         text = self._text.flush() if is_eos else self._text.add(token_id)
         token = Token(
             id=token_id, text=text, piece=piece_of(self.lm.tokenizer, token_id, self.lm.pieces), logprob=logprob,
-            index=len(self.tokens), top=top, sampled_prob=sampled_prob, forced=forced, special=is_eos,
-            finish_reason="stop" if is_eos else None,
-            masked_prob=self.constraint.masked_prob(len(self.tokens)) if self.constraint is not None else None,
+            index=index, top=top, sampled_prob=sampled_prob, forced=forced, special=is_eos,
+            finish_reason="stop" if is_eos else None, masked_prob=masked,
         )
         self.tokens.append(token)
         self.text += text
         if is_eos:
             self.finish_reason = "stop"
-        else:
-            self._forward([token_id])
         return token
 
     def _prefill(self, ids: list[int], embeddings: mx.array | None, chunk: int) -> None:
@@ -233,15 +235,16 @@ class Stepper:
             return self.lm.model(mx.array(ids)[None], cache=self._cache, input_embeddings=embeddings[None])
         return self.lm.model(mx.array(ids)[None], cache=self._cache)
 
-    def _forward(self, ids: list[int], embeddings: mx.array | None = None) -> None:
+    def _forward(self, ids: list[int], embeddings: mx.array | None = None, history: list[int] | None = None) -> None:
+        """Feed ``ids``; the next distribution is computed in the background (read it to wait)."""
         logits = self._call(ids, embeddings)[:, -1, :]
         if self._procs:
-            history = mx.array(self.ids)
+            context = mx.array(self.ids if history is None else history)
             for proc in self._procs:
-                logits = proc(history, logits)
+                logits = proc(context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         self._logprobs = logprobs[0]
-        mx.eval(self._logprobs)
+        mx.async_eval(self._logprobs)
 
     def _retext(self) -> None:
         self._text = TextAssembler(self.lm.tokenizer, continuation=self._continuation)
