@@ -235,8 +235,7 @@ def test_image_flag_with_a_vision_model(shell: InteractiveShell, magics: LLMMagi
 def test_without_a_selected_model_the_embedded_default_loads(shell: InteractiveShell, magics: LLMMagics) -> None:
     from nbllm.model import DEFAULT_MODEL_PATH
 
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.skip("the embedded default model is not in this checkout yet")
+    assert (DEFAULT_MODEL_PATH / "config.json").exists()
     selected = magics.current
     magics.current = None
     try:

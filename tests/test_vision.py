@@ -253,7 +253,6 @@ def test_sampling_and_processors_apply(qwen: VisionLM, vision_dir: Path) -> None
 
 
 def test_structured_output_on_a_vision_model(vlm: VisionLM, vision_dir: Path) -> None:
-    pytest.importorskip("nbllm.structured")
     img = vision_dir / "a.png"
     out = vlm.generate(QUESTION, images=img, choices=["red", "green", "blue"], max_tokens=16)
     assert out.value in ("red", "green", "blue") and out.text == out.value

@@ -5,6 +5,7 @@ Screenshots go to ``artifacts/browser/``.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +42,8 @@ WATCH_JS = """() => {
 def _requirements() -> None:
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):  # CI installs it (scripts/setup --test): a missing browser is a failure there
+            pytest.fail(f"no Chromium at {CHROMIUM}")
         pytest.skip(f"no Chromium at {CHROMIUM}")
 
 
