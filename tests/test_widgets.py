@@ -95,6 +95,11 @@ def test_throttle_coalesces_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -
     assert not t.due()
     now[0] += 0.1
     assert t.due()
+    t.begin(); t.end(sent_bytes=200_000)  # shipping 200 KB is charged too: 10 ms -> wait 100 ms
+    now[0] += 0.09
+    assert not t.due()
+    now[0] += 0.02
+    assert t.due()
 
 
 # -- stream view ----------------------------------------------------------------

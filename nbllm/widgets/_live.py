@@ -10,6 +10,10 @@ import time
 
 __all__ = ["Throttle"]
 
+# Shipping an update (JSON, ZMQ, the kernel's IOPub thread) costs time the
+# redraw itself does not see; measured here at roughly 50 ns per byte.
+SEND_SECONDS_PER_BYTE = 50e-9
+
 
 class Throttle:
     """Decide when a live view may redraw.
@@ -41,9 +45,10 @@ class Throttle:
     def begin(self) -> None:
         self._start = time.perf_counter()
 
-    def end(self) -> None:
+    def end(self, sent_bytes: int = 0) -> None:
+        """Close a redraw; ``sent_bytes`` charges the cost of shipping it to the frontend."""
         now = time.perf_counter()
-        cost = now - self._start
+        cost = now - self._start + sent_bytes * SEND_SECONDS_PER_BYTE
         self._next = self._start + max(self.period, cost / self.budget)
         self.redraws += 1
 

@@ -130,7 +130,7 @@ class StreamView(widgets.VBox):
         self._html.value = render.STYLE + "<div class='nbllm nbllm-stream'>" + "".join(self._spans) + "</div>"
         self.text = "".join(self._chunks)
         self.n_tokens = len(self.tokens)
-        self._throttle.end()
+        self._throttle.end(sent_bytes=len(self._html.value) + len(self.text))
 
     @observe("colored", "boundaries")
     def _restyle(self, change: Any) -> None:
