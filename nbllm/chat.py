@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import PromptCache, progress_bar
 from .sampling import SamplingParams
-from .tokens import Completion, Stats, Token
+from .tokens import Completion, Stats, Token, TurnStats
 
 if TYPE_CHECKING:
     from .generate import TokenStream
@@ -39,25 +39,6 @@ class _Message:
     content: str
     ids: tuple[int, ...] | None = None  # an assistant reply's generated tokens, EOS excluded
     images: tuple[Any, ...] = ()  # a user message's images (vision models), shown before its text
-
-
-@dataclass
-class TurnStats(Stats):
-    """``Stats`` of one reply plus how much of the earlier conversation was reused.
-
-    Attributes:
-        context_tokens: Tokens the cache held before the turn.
-        reuse_rate: ``cached_tokens / context_tokens`` (``None`` on a first turn).
-        finish_reason: How the reply ended.
-    """
-
-    context_tokens: int = 0
-    reuse_rate: float | None = None
-    finish_reason: str | None = None
-
-    def summary(self) -> str:
-        rate = "" if self.reuse_rate is None else f" · reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens"
-        return super().summary() + rate
 
 
 class ChatReply:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["Alternative", "Token", "Stats", "Completion", "FINISH_REASONS"]
+__all__ = ["Alternative", "Token", "Stats", "TurnStats", "Completion", "FINISH_REASONS"]
 
 FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
 
@@ -104,6 +104,25 @@ class Stats:
             f"{self.prompt_tokens} prompt tokens{reused} · first token {self.time_to_first_token * 1000:.0f} ms · "
             f"{self.prompt_tps:.1f} prompt tok/s · {self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s"
         )
+
+
+@dataclass
+class TurnStats(Stats):
+    """``Stats`` of one reply plus how much of the earlier conversation was reused.
+
+    Attributes:
+        context_tokens: Tokens the cache held before the turn.
+        reuse_rate: ``cached_tokens / context_tokens`` (``None`` on a first turn).
+        finish_reason: How the reply ended.
+    """
+
+    context_tokens: int = 0
+    reuse_rate: float | None = None
+    finish_reason: str | None = None
+
+    def summary(self) -> str:
+        rate = "" if self.reuse_rate is None else f" · reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens"
+        return super().summary() + rate
 
 
 @dataclass

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .images import MissingImages, as_list, drop_images, format_messages, image_digest, load_image
 from .model import LM, _cast, _is_messages
-from .vision_adapter import LanguageAdapter, image_token_ids, int_list
+from .vision_adapter import LanguageAdapter, image_token_ids, int_list, source_mentions
 
 __all__ = ["VisionLM", "ImageCacheStats", "load_vision"]
 
@@ -96,7 +96,7 @@ class VisionLM(LM):
         self._features: OrderedDict[tuple[str, ...], mx.array] = OrderedDict()
         self._splice_ok: bool | None = None  # can cached image rows be spliced into text embeddings?
         self._hits = self._misses = 0
-        self._reads_4d_mask = _source_mentions(type(vlm.language_model), "attention_mask_4d")  # e.g. Falcon-OCR
+        self._reads_4d_mask = source_mentions(type(vlm.language_model), "attention_mask_4d")  # e.g. Falcon-OCR
         text_cfg = config.get("text_config") or {}
         ctx = config.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
         self._context = int(ctx) if ctx else None
@@ -329,15 +329,6 @@ class VisionLM(LM):
             while len(self._features) > _FEATURE_CACHE_SIZE:
                 self._features.popitem(last=False)
         return out
-
-
-def _source_mentions(cls: type, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.getsource(cls)
-    except (OSError, TypeError):
-        return False
 
 
 @contextmanager

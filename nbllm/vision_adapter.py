@@ -145,3 +145,13 @@ def image_token_ids(config: Any) -> set[int]:
         if isinstance(value, int):
             found.add(value)
     return found
+
+
+def source_mentions(cls: type, name: str) -> bool:
+    """Whether ``name`` appears in the source of ``cls`` (to detect what an mlx-vlm model needs)."""
+    import inspect
+
+    try:
+        return name in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
