@@ -101,11 +101,14 @@ class ChatWidget(widgets.VBox):
 
     def stop(self) -> None:
         """Stop the reply now streaming (it ends after the current token)."""
+        if not self.busy:
+            return
+        # Status first: once cancelled, the reply may settle (and say "stopped") at once.
+        self.status = "stopping…"
         self._stop = True
         cancel = getattr(self._stream, "cancel", None)
         if cancel is not None:
             cancel()
-        self.status = "stopping…"
 
     def reset(self) -> None:
         """Forget the conversation (keeps the system prompt)."""
