@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_tokenizer", "make_model", "sample_corpus"]
 
@@ -85,8 +85,22 @@ def sample_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))) for _ in range(n_lines)]
 
 
-def build_tokenizer(path: Path, vocab_size: int = 512, corpus: list[str] | None = None) -> Any:
+def build_tokenizer(
+    path: Path,
+    vocab_size: int = 512,
+    corpus: list[str] | None = None,
+    *,
+    specials: Sequence[str] = SPECIAL_TOKENS,
+    bos: str | None = None,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    template: str = CHAT_TEMPLATE,
+    extra_special_tokens: dict[str, str] | None = None,
+) -> Any:
     """Train a byte-level BPE tokenizer and save it, with a chat template, at ``path``.
+
+    The keyword arguments set the special tokens and template (ChatML by
+    default; vision fixtures pass their model family's).
 
     Returns:
         The ``transformers.PreTrainedTokenizerFast`` that was saved.
@@ -99,19 +113,20 @@ def build_tokenizer(path: Path, vocab_size: int = 512, corpus: list[str] | None 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus or sample_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
+        **({"extra_special_tokens": extra_special_tokens} if extra_special_tokens is not None else {}),
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(str(path))
     return fast
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fixtures import sample_corpus
+from .fixtures import build_tokenizer
 
 __all__ = ["VISION_ARCHITECTURES", "make_vision_model", "make_image"]
 
@@ -225,27 +225,6 @@ def make_image(width: int = 64, height: int = 48, seed: int = 0) -> Any:
     return Image.fromarray(pixels, "RGB")
 
 
-def _build_tokenizer(path: Path, spec: dict[str, Any], vocab_size: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=spec["specials"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(sample_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"], unk_token=None,
-        extra_special_tokens=spec.get("extra_special_tokens", {}),
-    )
-    fast.chat_template = spec["template"]
-    fast.save_pretrained(str(path))
-    return fast
-
-
 def make_vision_model(
     path: str | Path,
     arch: str = "qwen2_vl",
@@ -279,7 +258,10 @@ def make_vision_model(
         return path
     path.mkdir(parents=True, exist_ok=True)
     spec = VISION_ARCHITECTURES[arch]
-    tokenizer = _build_tokenizer(path, spec, vocab_size)
+    tokenizer = build_tokenizer(
+        path, vocab_size, specials=spec["specials"], bos=spec["bos"], eos=spec["eos"], pad=spec["pad"],
+        template=spec["template"], extra_special_tokens=spec.get("extra_special_tokens", {}),
+    )
 
     config = json.loads(json.dumps(spec["config"]))
     config.update(overrides or {})
