@@ -152,16 +152,7 @@ class ChatWidget(widgets.VBox):
         return True
 
     def _run_thread(self, stream: Iterator[Any]) -> None:
-        throttle, last = Throttle(self._max_rate), None
-        try:
-            for token in stream:
-                last = self._on_token(token, throttle)
-                if self._stop and not hasattr(stream, "cancel"):
-                    break
-        except Exception as err:  # shown in the widget: no one is there to catch it
-            self.status = f"{type(err).__name__}: {err}"
-        finally:
-            self._finish(stream, last)
+        asyncio.run(self._run_async(stream))  # the same loop, on the worker thread's own event loop
 
     async def _run_async(self, stream: Iterator[Any]) -> None:
         throttle, last = Throttle(self._max_rate), None
@@ -171,7 +162,7 @@ class ChatWidget(widgets.VBox):
                 if self._stop and not hasattr(stream, "cancel"):
                     break
                 await asyncio.sleep(0)  # let button clicks (Stop) in
-        except Exception as err:
+        except Exception as err:  # shown in the widget: no one is there to catch it
             self.status = f"{type(err).__name__}: {err}"
         finally:
             self._finish(stream, last)
