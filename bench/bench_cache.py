@@ -23,14 +23,19 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
-BENCH_SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
-               "num_attention_heads": 8, "num_key_value_heads": 4}
+BENCH_SHAPE = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
 
 
 def pick_model(arg: str | None, tmp: Path) -> Any:
     import nbllm
-    from nbllm.fixtures import make_model
     from nbllm.model import DEFAULT_MODEL_PATH
+    from nbllm.testing import make_model
 
     if arg == "default":
         if not (DEFAULT_MODEL_PATH / "config.json").exists():
@@ -42,7 +47,7 @@ def pick_model(arg: str | None, tmp: Path) -> Any:
 
 
 def scripted(n: int, seed: int = 1, lines: int = 3) -> list[str]:
-    from nbllm.fixtures import sample_corpus
+    from nbllm.testing import sample_corpus
 
     corpus = sample_corpus(n * lines, seed=seed)
     return [" ".join(corpus[i * lines : (i + 1) * lines]) for i in range(n)]
@@ -54,7 +59,10 @@ def history_of(lm: Any, n_tokens: int) -> list[dict[str, str]]:
     msgs: list[dict[str, str]] = []
     while len(lm.encode(msgs[:-1], system=SYSTEM) if msgs else []) < n_tokens:
         k = len(msgs)
-        msgs += [{"role": "user", "content": texts[k]}, {"role": "assistant", "content": texts[k + 1] + " " + texts[k + 2]}]
+        msgs += [
+            {"role": "user", "content": texts[k]},
+            {"role": "assistant", "content": texts[k + 1] + " " + texts[k + 2]},
+        ]
     return msgs
 
 
@@ -88,8 +96,13 @@ def ttft(lm: Any, n_tokens: int, repeats: int) -> dict[str, Any]:
         same.append(warm_tok == cold_tok)
         prompts.add(prompt)
     assert len(prompts) == 1, prompts  # every repeat saw the same history
-    return {"prompt": prompt, "warm": statistics.median(warm_t), "cold": statistics.median(cold_t),
-            "raw": statistics.median(raw_t), "same": all(same)}
+    return {
+        "prompt": prompt,
+        "warm": statistics.median(warm_t),
+        "cold": statistics.median(cold_t),
+        "raw": statistics.median(raw_t),
+        "same": all(same),
+    }
 
 
 def raw_first_token(lm: Any, chat: Any, text: str) -> float:
@@ -132,7 +145,11 @@ def memory(lm: Any, turns: int, max_kv_size: int | None) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", default=None, help="'default' (the embedded model) or a model folder (default: a generated 25M-param llama)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="'default' (the embedded model) or a model folder (default: a generated 25M-param llama)",
+    )
     ap.add_argument("--max-kv-size", type=int, default=1024)
     args = ap.parse_args()
     hist, repeats, turns, long_turns = (800, 2, 8, 40) if args.quick else (3000, 3, 20, 200)
@@ -142,20 +159,35 @@ def main() -> None:
         r = reuse(lm, turns)
         bounded = memory(lm, long_turns, args.max_kv_size)
         unbounded = memory(lm, long_turns, None)
-    print(f"\nnbllm prompt cache benchmark · model {lm.name} ({lm.info.parameters / 1e6:.1f}M params, {lm.info.dtype}) · median of {repeats}\n")
+    print(
+        f"\nnbllm prompt cache benchmark · model {lm.name} ({lm.info.parameters / 1e6:.1f}M params, {lm.info.dtype}) · median of {repeats}\n"
+    )
     rows = [
         (f"TTFT cold, raw mlx_lm.stream_generate, same {t['prompt']}-token prompt (s)", f"{t['raw']:.3f}", "", ""),
-        (f"TTFT cold, new turn after {t['prompt']}-token history (s)", f"{t['cold']:.3f}", f"{t['raw'] / t['cold']:.2f}", "~1 vs raw"),
+        (
+            f"TTFT cold, new turn after {t['prompt']}-token history (s)",
+            f"{t['cold']:.3f}",
+            f"{t['raw'] / t['cold']:.2f}",
+            "~1 vs raw",
+        ),
         ("TTFT warm, cache reused (s)", f"{t['warm']:.4f}", f"{t['cold'] / t['warm']:.0f}x", ">= 50x"),
         ("same first token warm and cold", "yes" if t["same"] else "NO", "", "yes"),
         (f"prefix reuse per turn, {turns}-turn chat: min", f"{r['min']:.1%}", "", ">= 95%"),
         (f"prefix reuse per turn, {turns}-turn chat: mean", f"{r['mean']:.1%}", "", ""),
     ]
-    for label, m in (("max_kv_size=%d" % args.max_kv_size, bounded), ("unbounded", unbounded)):
+    for label, m in ((f"max_kv_size={args.max_kv_size}", bounded), ("unbounded", unbounded)):
         for turn, nbytes in m["marks"].items():
-            rows.append((f"KV MB after {turn} turns, {label}", f"{nbytes / 1e6:.2f}", "", "bounded" if m is bounded else ""))
-        rows.append((f"  context tokens / TTFT (s) / reuse at turn {long_turns}, {label}",
-                     f"{m['context']} / {m['ttft']:.3f} / {m['reuse']:.0%}", "", ""))
+            rows.append(
+                (f"KV MB after {turn} turns, {label}", f"{nbytes / 1e6:.2f}", "", "bounded" if m is bounded else "")
+            )
+        rows.append(
+            (
+                f"  context tokens / TTFT (s) / reuse at turn {long_turns}, {label}",
+                f"{m['context']} / {m['ttft']:.3f} / {m['reuse']:.0%}",
+                "",
+                "",
+            )
+        )
     print(f"{'measure':<64} {'value':>22} {'ratio':>7}  target")
     for name, value, ratio, target in rows:
         print(f"{name:<64} {value:>22} {ratio:>7}  {target}")

@@ -24,12 +24,17 @@ from pathlib import Path
 import nbllm  # first: it loads the fast BLAS before mlx.core
 
 # A model big enough that compute, not Python, dominates a decode step.
-BENCH_SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
-               "num_attention_heads": 8, "num_key_value_heads": 4}
+BENCH_SHAPE = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
 
 
 def bench_model(root: Path) -> Path:
-    from nbllm.fixtures import make_model
+    from nbllm.testing import make_model
 
     return make_model(root / "bench-llama", "llama", overrides=BENCH_SHAPE)
 
@@ -58,7 +63,9 @@ def decode_rates(path: Path, prompt_len: int, n: int, repeats: int) -> dict[str,
     procs = [no_eos]
 
     def raw() -> int:
-        return sum(1 for _ in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n, logits_processors=procs))
+        return sum(
+            1 for _ in mlx_lm.stream_generate(lm.model, lm.tokenizer, ids, max_tokens=n, logits_processors=procs)
+        )
 
     def ours(k: int):
         return lambda: sum(1 for _ in nbllm.stream(lm, ids, max_tokens=n, top_logprobs=k, logits_processors=procs))
@@ -113,11 +120,20 @@ print(json.dumps({"blas": nbllm.blas.blas_status(), "prefill": p, "decode": c.st
 
 def blas_rates(path: Path, bf16: Path, prompt_len: int, n: int) -> dict[str, dict]:
     out = {}
-    runs = (("stock", path, "auto", {"NBLLM_BLAS": "0"}), ("openblas", path, "auto", {}),
-            ("bf16", bf16, "keep", {}), ("bf16_fp32", bf16, "auto", {}))
+    runs = (
+        ("stock", path, "auto", {"NBLLM_BLAS": "0"}),
+        ("openblas", path, "auto", {}),
+        ("bf16", bf16, "keep", {}),
+        ("bf16_fp32", bf16, "auto", {}),
+    )
     for label, model, dtype, env in runs:
-        proc = subprocess.run([sys.executable, "-c", _BLAS_CHILD, str(model), str(prompt_len), str(n), dtype],
-                              env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _BLAS_CHILD, str(model), str(prompt_len), str(n), dtype],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -131,11 +147,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else bench_model(Path(tmp))
         r = decode_rates(path, prompt_len, n, repeats)
-        from nbllm.fixtures import make_model
+        from nbllm.testing import make_model
 
         bf16 = make_model(Path(tmp) / "bench-llama-bf16", "llama", overrides=BENCH_SHAPE, dtype="bfloat16")
         b = blas_rates(path, bf16, prompt_len, n) if sys.platform.startswith("linux") else {}
-    print(f"\nnbllm core benchmark · model {path.name} · prompt {prompt_len} tok · {n} generated · median of {repeats}\n")
+    print(
+        f"\nnbllm core benchmark · model {path.name} · prompt {prompt_len} tok · {n} generated · median of {repeats}\n"
+    )
     rows = [
         ("decode tok/s  mlx_lm.stream_generate", r["raw"], "", ""),
         ("decode tok/s  nbllm.stream top_logprobs=0", r["k0"], r["k0"] / r["raw"], ">= 0.97"),
@@ -151,11 +169,19 @@ def main() -> None:
             ("decode tok/s  stock BLAS", s["decode"], "", ""),
             ("decode tok/s  OpenBLAS", o["decode"], o["decode"] / s["decode"], ""),
             ("prefill tok/s bf16 weights kept bf16", b["bf16"]["prefill"], "", ""),
-            ("prefill tok/s bf16 weights cast to fp32 (auto)", b["bf16_fp32"]["prefill"],
-             b["bf16_fp32"]["prefill"] / b["bf16"]["prefill"], ""),
+            (
+                "prefill tok/s bf16 weights cast to fp32 (auto)",
+                b["bf16_fp32"]["prefill"],
+                b["bf16_fp32"]["prefill"] / b["bf16"]["prefill"],
+                "",
+            ),
             ("decode tok/s  bf16 weights kept bf16", b["bf16"]["decode"], "", ""),
-            ("decode tok/s  bf16 weights cast to fp32 (auto)", b["bf16_fp32"]["decode"],
-             b["bf16_fp32"]["decode"] / b["bf16"]["decode"], ""),
+            (
+                "decode tok/s  bf16 weights cast to fp32 (auto)",
+                b["bf16_fp32"]["decode"],
+                b["bf16_fp32"]["decode"] / b["bf16"]["decode"],
+                "",
+            ),
         ]
     print(f"{'measure':<48} {'value':>10} {'ratio':>8}  target")
     for name, value, ratio, target in rows:

@@ -27,19 +27,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nbllm  # noqa: F401  (fast BLAS before mlx)
+import nbllm
 
 # "tiny" = the test fixture shape (the mask is a large share of a step: worst case);
 # "small" = the core bench shape (a step costs milliseconds, like a small real model).
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {},
-    "small": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
-              "num_attention_heads": 8, "num_key_value_heads": 4},
+    "small": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "intermediate_size": 1536,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
 }
 
-ADDRESS = {"type": "object", "properties": {
-    "street": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 30},
-    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["street", "city", "zip"]}
+ADDRESS = {
+    "type": "object",
+    "properties": {
+        "street": {"type": "string", "maxLength": 40},
+        "city": {"type": "string", "maxLength": 30},
+        "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+    },
+    "required": ["street", "city", "zip"],
+}
 PERSON = {  # mid-size: nesting, enums, bounds, optional fields, patterns, arrays
     "type": "object",
     "properties": {
@@ -51,9 +62,18 @@ PERSON = {  # mid-size: nesting, enums, bounds, optional fields, patterns, array
         "active": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 5},
         "address": ADDRESS,
-        "friends": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string", "maxLength": 20}, "since": {"type": "integer", "minimum": 1900, "maximum": 2100}},
-            "required": ["name"]}, "maxItems": 3},
+        "friends": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 20},
+                    "since": {"type": "integer", "minimum": 1900, "maximum": 2100},
+                },
+                "required": ["name"],
+            },
+            "maxItems": 3,
+        },
         "nickname": {"type": ["string", "null"], "maxLength": 20},
     },
     "required": ["name", "age", "role", "score", "active", "tags", "address"],
@@ -64,11 +84,37 @@ DECODE_SCHEMA = {"type": "array", "items": PERSON, "minItems": 100}
 
 def corpus(n_words: int, lexicon_size: int = 400_000, seed: int = 0) -> list[str]:
     """Generated text with a large, Zipf-distributed word inventory (for BPE training)."""
-    from nbllm.fixtures import sample_corpus
+    from nbllm.testing import sample_corpus
 
     rng = random.Random(seed)
-    cons = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl gr".split()
-    vowels = "a e i o u y ai ea ou io".split()
+    cons = [
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "ch",
+        "sh",
+        "th",
+        "st",
+        "tr",
+        "pl",
+        "gr",
+    ]
+    vowels = ["a", "e", "i", "o", "u", "y", "ai", "ea", "ou", "io"]
     syllables = [c + v for c in cons for v in vowels] + vowels
     lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(lexicon_size)]
     lexicon = [w.capitalize() if rng.random() < 0.1 else w for w in lexicon]
@@ -83,20 +129,23 @@ def corpus(n_words: int, lexicon_size: int = 400_000, seed: int = 0) -> list[str
     return sample_corpus() + lines
 
 
-def big_vocab_model(path: Path, vocab_size: int, shape: dict[str, Any], arch: str = "llama",
-                    n_words: int = 3_000_000) -> Path:
+def big_vocab_model(
+    path: Path, vocab_size: int, shape: dict[str, Any], arch: str = "llama", n_words: int = 3_000_000
+) -> Path:
     """A random-weight model with a ``vocab_size`` byte-level BPE (like ``make_model``, bigger corpus)."""
     import importlib
 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from nbllm.fixtures import ARCHITECTURES, build_tokenizer
+    from nbllm.testing import ARCHITECTURES, build_tokenizer
 
     if (path / "model.safetensors").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path, vocab_size=vocab_size, corpus=corpus(n_words, lexicon_size=max(1000, n_words // 8)))
+    tokenizer = build_tokenizer(
+        path, vocab_size=vocab_size, corpus=corpus(n_words, lexicon_size=max(1000, n_words // 8))
+    )
     config = dict(ARCHITECTURES[arch], **shape)
     config["vocab_size"] = len(tokenizer)
     config["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -212,10 +261,14 @@ def main() -> None:
 
     from nbllm.grammar import ll_tokenizer
 
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.tokens} tokens x {args.rounds} rounds")
-    print(f"{'vocab':>7} {'model':>6} {'free tok/s':>10} {'json tok/s':>10} {'ratio':>6} "
-          f"{'mask p50 µs':>11} {'p99 µs':>7} {'proc µs':>8} {'compile ms':>10} {'cached ms':>9} {'tok setup s':>11} "
-          f"{'outlines-core s':>15}")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.tokens} tokens x {args.rounds} rounds"
+    )
+    print(
+        f"{'vocab':>7} {'model':>6} {'free tok/s':>10} {'json tok/s':>10} {'ratio':>6} "
+        f"{'mask p50 µs':>11} {'p99 µs':>7} {'proc µs':>8} {'compile ms':>10} {'cached ms':>9} {'tok setup s':>11} "
+        f"{'outlines-core s':>15}"
+    )
     for vocab in args.vocab:
         for shape in args.shape:
             path = big_vocab_model(args.cache / f"llama-{shape}-{vocab}", vocab, SHAPES[shape])
@@ -227,12 +280,16 @@ def main() -> None:
             a, b, ratio = decode_ratio(lm, args.tokens, args.rounds)
             p50, p99, full = mask_costs(lm, args.tokens)
             ref = "-" if args.no_outlines or shape != args.shape[0] else f"{outlines_core_compile(lm):.2f}"
-            print(f"{lm.vocab_size:>7} {shape:>6} {b:>10.1f} {a:>10.1f} {ratio:>6.2f} "
-                  f"{p50:>11.0f} {p99:>7.0f} {full:>8.0f} {cold:>10.1f} {warm:>9.2f} {setup:>11.2f} {ref:>15}")
+            print(
+                f"{lm.vocab_size:>7} {shape:>6} {b:>10.1f} {a:>10.1f} {ratio:>6.2f} "
+                f"{p50:>11.0f} {p99:>7.0f} {full:>8.0f} {cold:>10.1f} {warm:>9.2f} {setup:>11.2f} {ref:>15}"
+            )
             sys.stdout.flush()
-    print("ratio = constrained / unconstrained decode tok/s (target >= 0.9); mask = llguidance alone; "
-          "proc = the whole nbllm processor per token; compile = mid-size schema, cold; cached = from the cache; "
-          "tok setup = llguidance tokenizer, once per model; outlines-core s = its index build for the same schema")
+    print(
+        "ratio = constrained / unconstrained decode tok/s (target >= 0.9); mask = llguidance alone; "
+        "proc = the whole nbllm processor per token; compile = mid-size schema, cold; cached = from the cache; "
+        "tok setup = llguidance tokenizer, once per model; outlines-core s = its index build for the same schema"
+    )
 
 
 if __name__ == "__main__":

@@ -28,23 +28,50 @@ from typing import Any
 QUESTION = "Describe this picture in detail."
 FOLLOW_UP = "What colours are in it, and where?"
 
-QWEN = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-        "vision_config": {"model_type": "qwen2_vl", "depth": 4, "embed_dim": 256, "hidden_size": 512, "num_heads": 4,
-                          "mlp_ratio": 4, "patch_size": 14, "spatial_patch_size": 14, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "in_channels": 3}}
+QWEN = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+    "vision_config": {
+        "model_type": "qwen2_vl",
+        "depth": 4,
+        "embed_dim": 256,
+        "hidden_size": 512,
+        "num_heads": 4,
+        "mlp_ratio": 4,
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    },
+}
 
 
 def _gemma() -> dict[str, Any]:
-    from nbllm.fixtures_vision import VISION_ARCHITECTURES
+    from nbllm.testing import VISION_ARCHITECTURES
 
     base = json.loads(json.dumps(VISION_ARCHITECTURES["gemma3"]["config"]))
     base["hidden_size"] = 512
-    base["text_config"].update({"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
-                                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
-                                "query_pre_attn_scalar": 64, "sliding_window": 1024, "sliding_window_pattern": 6})
-    base["vision_config"].update({"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 1024,
-                                  "num_attention_heads": 4})
+    base["text_config"].update(
+        {
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "intermediate_size": 1536,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+            "query_pre_attn_scalar": 64,
+            "sliding_window": 1024,
+            "sliding_window_pattern": 6,
+        }
+    )
+    base["vision_config"].update(
+        {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4}
+    )
     return {"hidden_size": 512, "text_config": base["text_config"], "vision_config": base["vision_config"]}
 
 
@@ -120,9 +147,13 @@ def first_token_times(path: Path, image: Path, repeats: int) -> dict[str, Any]:
         lm.clear_image_cache()
         features_only.append(ttft(cache))  # prompt cache warm, vision tower re-run
     warm, cold, features_only = warm[1:], cold[1:], features_only[1:]
-    return {"warm": statistics.median(w[0] for w in warm), "cold": statistics.median(c[0] for c in cold),
-            "cache_only": statistics.median(f[0] for f in features_only),
-            "prompt_tokens": warm[0][1], "cached_tokens": warm[0][2]}
+    return {
+        "warm": statistics.median(w[0] for w in warm),
+        "cold": statistics.median(c[0] for c in cold),
+        "cache_only": statistics.median(f[0] for f in features_only),
+        "prompt_tokens": warm[0][1],
+        "cached_tokens": warm[0][2],
+    }
 
 
 def main() -> None:
@@ -132,7 +163,7 @@ def main() -> None:
     n, repeats = (32, 1) if args.quick else (128, 5)
 
     import nbllm  # noqa: F401  (fast BLAS before mlx)
-    from nbllm.fixtures_vision import make_image, make_vision_model
+    from nbllm.testing import make_image, make_vision_model
 
     rows: list[tuple[str, float, Any, str]] = []
     notes: list[str] = []
@@ -151,12 +182,16 @@ def main() -> None:
                 (f"{arch}: 2nd question TTFT s, prompt cache only", f["cache_only"], f["cold"] / f["cache_only"], ""),
                 (f"{arch}: 2nd question TTFT s, warm", f["warm"], f["cold"] / f["warm"], "cold/warm"),
             ]
-            notes.append(f"{arch}: generated {d['tokens']} tokens per run; best-run decode ratio nbllm/mlx-vlm "
-                         f"{d['best_k0'] / d['best_mlx_vlm']:.2f} (top_logprobs=0), {d['best_k10'] / d['best_mlx_vlm']:.2f} "
-                         f"(10); 2nd question {f['prompt_tokens']} prompt tokens, {f['cached_tokens']} from the cache when warm")
+            notes.append(
+                f"{arch}: generated {d['tokens']} tokens per run; best-run decode ratio nbllm/mlx-vlm "
+                f"{d['best_k0'] / d['best_mlx_vlm']:.2f} (top_logprobs=0), {d['best_k10'] / d['best_mlx_vlm']:.2f} "
+                f"(10); 2nd question {f['prompt_tokens']} prompt tokens, {f['cached_tokens']} from the cache when warm"
+            )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nnbllm vision benchmark · image 448x336 · {n} generated · median of {repeats} · "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs (decode ratios are noisy on a busy machine)\n")
+    print(
+        f"\nnbllm vision benchmark · image 448x336 · {n} generated · median of {repeats} · "
+        f"load average {load:.1f} on {os.cpu_count()} CPUs (decode ratios are noisy on a busy machine)\n"
+    )
     print(f"{'measure':<52} {'value':>9} {'ratio':>8}  target")
     for name, value, ratio, target in rows:
         ratio_s = f"{ratio:8.2f}" if ratio != "" else " " * 8

@@ -27,8 +27,13 @@ import time
 from pathlib import Path
 
 # Same shape as bench_core.py: compute, not Python, dominates a decode step.
-BENCH_SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536,
-               "num_attention_heads": 8, "num_key_value_heads": 4}
+BENCH_SHAPE = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
 PROMPT = "Tell me a story about a river and a city."
 
 
@@ -56,6 +61,7 @@ def measure(path: str, n: int, repeats: int) -> list[dict]:
     bias = {i: -1e9 for i in lm.tokenizer.eos_token_ids}  # always n tokens
     rows = []
     for label, k, colored in (("plain text", 0, False), ("coloured, 8 alternatives", 8, True)):
+
         def stream():
             return nbllm.stream(lm, PROMPT, max_tokens=n, top_logprobs=k, temperature=0.8, seed=0, logit_bias=bias)
 
@@ -81,9 +87,19 @@ def measure(path: str, n: int, repeats: int) -> list[dict]:
             lives.append(rate)
             shares.append(share)
         r, v = statistics.median(raws), statistics.median(lives)
-        rows.append({"model": Path(path).name, "view": label, "tokens": n, "raw": r, "live": v,
-                     "cost": 1 - v / r, "share": statistics.median(shares), "redraws": view._throttle.redraws,
-                     "html_kb": len(view._html.value) / 1024})
+        rows.append(
+            {
+                "model": Path(path).name,
+                "view": label,
+                "tokens": n,
+                "raw": r,
+                "live": v,
+                "cost": 1 - v / r,
+                "share": statistics.median(shares),
+                "redraws": view._throttle.redraws,
+                "html_kb": len(view._html.value) / 1024,
+            }
+        )
     return rows
 
 
@@ -94,7 +110,9 @@ def in_kernel(paths: list[str], n: int, repeats: int) -> list[dict]:
     stats = {"messages": 0}
     try:
         kc.execute(f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_widgets as _b")
-        code = f"import json; print('RESULT' + json.dumps([r for p in {paths!r} for r in _b.measure(p, {n}, {repeats})]))"
+        code = (
+            f"import json; print('RESULT' + json.dumps([r for p in {paths!r} for r in _b.measure(p, {n}, {repeats})]))"
+        )
         msg_id = kc.execute(code)
         out, done = [], threading.Event()
         while not done.is_set():
@@ -129,8 +147,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import nbllm  # noqa: F401  (fast BLAS before mlx)
-    from nbllm.fixtures import make_model
     from nbllm.model import DEFAULT_MODEL_PATH
+    from nbllm.testing import make_model
 
     with tempfile.TemporaryDirectory() as tmp:
         chosen = set(args.models.split(","))
@@ -149,12 +167,16 @@ def main() -> None:
     where = "in-process (no comm sends)" if args.in_process else "in an ipykernel, comm messages sent to this client"
     print(f"\nLive StreamView vs raw stream, {args.tokens} tokens, median of {args.repeats}, {where}")
     print("view share = wall time spent inside the view (feed, render, send) / wall time of the live run")
-    print(f"{'model':<12} {'view':<25} {'raw tok/s':>9} {'live tok/s':>10} {'tok/s diff':>10} {'view share':>10} "
-          f"{'redraws':>7} {'html KB':>7}")
+    print(
+        f"{'model':<12} {'view':<25} {'raw tok/s':>9} {'live tok/s':>10} {'tok/s diff':>10} {'view share':>10} "
+        f"{'redraws':>7} {'html KB':>7}"
+    )
     for r in rows:
         flag = "" if r["share"] <= 0.10 else "  > 10% target"
-        print(f"{r['model']:<12} {r['view']:<25} {r['raw']:>9.1f} {r['live']:>10.1f} {r['cost']:>10.1%} "
-              f"{r['share']:>10.1%} {r['redraws']:>7d} {r['html_kb']:>7.0f}{flag}")
+        print(
+            f"{r['model']:<12} {r['view']:<25} {r['raw']:>9.1f} {r['live']:>10.1f} {r['cost']:>10.1%} "
+            f"{r['share']:>10.1%} {r['redraws']:>7d} {r['html_kb']:>7.0f}{flag}"
+        )
 
 
 if __name__ == "__main__":

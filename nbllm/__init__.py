@@ -7,14 +7,18 @@ from .blas import enable_fast_blas as _enable_fast_blas
 # Must run before mlx.core is first imported (see nbllm.blas).
 _enable_fast_blas()
 
+from .blas import blas_status  # noqa: E402
 from .cache import PromptCache  # noqa: E402
-from .chat import Chat  # noqa: E402
+from .chat import Chat, ChatReply  # noqa: E402
+from .distribution import Distribution  # noqa: E402
 from .generate import TokenStream, generate, stream  # noqa: E402
-from .model import LM, ModelInfo, load  # noqa: E402
+from .loading import load  # noqa: E402
+from .model import LM, ModelInfo  # noqa: E402
+from .prompt import Prompt  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .stepper import Stepper  # noqa: E402
 from .structured import Constraint, StructuredOutputError, make_constraint  # noqa: E402
-from .tokens import Alternative, Completion, Stats, Token  # noqa: E402
+from .tokens import Alternative, Completion, Stats, Token, TurnStats  # noqa: E402
 from .vision import VisionLM  # noqa: E402
 
 __version__ = "0.1.0"
@@ -37,6 +41,7 @@ def unload_ipython_extension(ipython: object) -> None:
 __all__ = [
     "LM",
     "ModelInfo",
+    "Prompt",
     "load",
     "stream",
     "generate",
@@ -48,6 +53,10 @@ __all__ = [
     "StructuredOutputError",
     "PromptCache",
     "Chat",
+    "ChatReply",
+    "Distribution",
+    "TurnStats",
+    "blas_status",
     "SamplingParams",
     "Token",
     "Alternative",

@@ -6,24 +6,32 @@ token ids they cover and reuses the longest prefix a new prompt shares with
 them: trimmed when every layer can be trimmed; otherwise (a rotating or
 sliding-window layer past its window) restored from a snapshot taken at the
 start of the last request, or rebuilt from scratch when no snapshot fits.
+
+A run leases the layers (``prepare``) and hands them back (``commit``) with
+the tokens they then cover, however it ended. While leased, the cache refuses
+other users with a clear "in use" error; a stream left unfinished on the same
+thread (a notebook cell that stopped reading it) is closed instead.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 
-from .cache_file import model_fingerprint
+from . import kv
+from .engine import InUseError
+from .progress import progress_bar
+from .prompt import Prompt
+from .request import check_max_kv_size
 
-if TYPE_CHECKING:
-    from .model import LM
-
-__all__ = ["PromptCache", "CacheStats", "progress_bar", "model_fingerprint"]
+__all__ = ["PromptCache", "CacheStats"]
 
 _KV_BITS, _GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
 
@@ -80,10 +88,15 @@ class PromptCache:
         prefill_step_size: Tokens per chunk in ``prefill``.
     """
 
-    def __init__(self, lm: "LM", max_kv_size: int | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = 64, prefill_step_size: int = 2048):
-        if max_kv_size is not None and (not isinstance(max_kv_size, int) or isinstance(max_kv_size, bool) or max_kv_size < 8):
-            raise ValueError(f"max_kv_size: expected an integer >= 8 or None, got {max_kv_size!r}")
+    def __init__(
+        self,
+        lm: Any,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        prefill_step_size: int = 2048,
+    ):
+        check_max_kv_size(max_kv_size)
         if kv_bits is not None and kv_bits not in _KV_BITS:
             raise ValueError(f"kv_bits: expected one of {_KV_BITS} or None, got {kv_bits!r}")
         if kv_group_size not in _GROUP_SIZES:
@@ -92,10 +105,14 @@ class PromptCache:
             raise ValueError(f"prefill_step_size: expected an integer >= 1, got {prefill_step_size!r}")
         if kv_bits is not None:
             if max_kv_size is not None:
-                raise ValueError("kv_bits: expected kv_bits or max_kv_size, got both (mlx-lm has no quantized rotating cache)")
-            head = _head_dim(lm.config)
+                raise ValueError(
+                    "kv_bits: expected kv_bits or max_kv_size, got both (mlx-lm has no quantized rotating cache)"
+                )
+            head = kv.head_dim(lm.config)
             if head is not None and head % kv_group_size:
-                raise ValueError(f"kv_bits: expected a head size divisible by kv_group_size={kv_group_size}, got head size {head}")
+                raise ValueError(
+                    f"kv_bits: expected a head size divisible by kv_group_size={kv_group_size}, got head size {head}"
+                )
         self.lm, self.max_kv_size, self.kv_bits = lm, max_kv_size, kv_bits
         self.kv_group_size, self.prefill_step_size = kv_group_size, prefill_step_size
         self._layers: list[Any] | None = None
@@ -106,6 +123,9 @@ class PromptCache:
         # (ids it covers, per layer: a copy, or None for a layer that is rolled back by trimming)
         self._snap: tuple[list[int], list[Any]] | None = None
         self._busy, self._stats = False, CacheStats()
+        self._lock = threading.RLock()
+        self._holder: Any = None  # weak reference to the stream that holds the lease
+        self._holder_thread: int | None = None
 
     # -- state -----------------------------------------------------------------
     @property
@@ -130,6 +150,11 @@ class PromptCache:
         """True while a stream is using the layers (between ``prepare`` and ``commit``)."""
         return self._busy
 
+    def ensure_free(self) -> None:
+        """Raise a clear "in use" error if a stream holds the cache (one left unfinished on this thread is closed)."""
+        with self._lock:
+            self._check_free()
+
     def __repr__(self) -> str:
         s = self.stats
         return f"PromptCache({self.lm.name!r}, {s.tokens_held} tokens, {s.bytes_held / 1e6:.1f} MB, reuse {s.reuse_rate:.0%})"
@@ -140,79 +165,94 @@ class PromptCache:
 
     def clear(self) -> None:
         """Drop every cached token and free the layers."""
-        self._check_free()
-        self._layers, self._ids, self._snap = None, [], None
+        with self._lock:
+            self._check_free()
+            self._layers, self._ids, self._snap = None, [], None
 
     def trim_to(self, n: int) -> int:
         """Keep at most the first ``n`` cached tokens; returns how many are kept."""
-        if not isinstance(n, int) or n < 0:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"trim_to: expected an integer >= 0, got {n!r}")
-        self._check_free()
-        return self._cut(n)
+        with self._lock:
+            self._check_free()
+            return self._cut(n)
 
-    # -- the CacheLike hook used by stream() -----------------------------------
-    def prepare(self, ids: Sequence[int], media: Sequence[str] = ()) -> tuple[list[Any], int]:
-        """Make the layers cover the longest usable prefix of the prompt ``ids``.
+    # -- the lease an engine run takes -------------------------------------------
+    def prepare(self, ids: Sequence[int], media: Sequence[str] = (), owner: Any = None) -> tuple[list[Any], int]:
+        """Lease the layers, cut back to the longest usable prefix of the prompt ``ids``.
 
         Args:
             ids: The prompt's token ids.
-            media: Content hashes of the prompt's images (``LM.media_key``); when
+            media: Content hashes of the prompt's images (``Prompt.media``); when
                 they differ from the cached prompt's, nothing is reused.
+            owner: The stream taking the lease (one with ``release_lease()``), so
+                a new request on the same thread can close it if it was left unfinished.
 
         Returns:
-            ``(layers, n)``: layers covering ``ids[:n]``, ``n < len(ids)`` (mlx-lm must run one token).
+            ``(layers, n)``: layers covering ``ids[:n]``, ``n < len(ids)`` (the model must run one token).
+
+        Raises:
+            RuntimeError: The cache is in use (by a stream on another thread, or one producing a token now).
         """
         ids = _check_ids(ids, self.lm.vocab_size)
-        self._check_free()
-        media = tuple(media)
-        n = self._reuse(ids, len(ids) - 1 if media == self._media else 0)
-        self._media = media
-        self._busy = True
-        return self._layers, n  # type: ignore[return-value]
+        return self._lease(ids, tuple(media), owner, len(ids) - 1)
+
+    def _lease(self, ids: list[int], media: tuple[str, ...], owner: Any, limit: int) -> tuple[list[Any], int]:
+        with self._lock:
+            self._check_free()
+            n = self._reuse(ids, limit if media == self._media else 0)
+            self._media = media
+            self._busy = True
+            self._holder = weakref.ref(owner) if owner is not None else None
+            self._holder_thread = threading.get_ident()
+            return self._layers, n  # type: ignore[return-value]
 
     def commit(self, ids: Sequence[int]) -> None:
-        """Record that the layers were fed a prefix of ``ids`` (their offsets say how much)."""
-        self._busy = False
-        if self._layers is None:
-            return
-        covered = min([c.offset for c in self._layers if hasattr(c, "offset")] + [len(ids)])
-        self._ids = [int(t) for t in ids[:covered]]
-        # An interrupt inside a forward pass can leave some layers one step ahead.
-        ahead = [c for c in self._layers if getattr(c, "offset", covered) > covered]
-        if all(c.is_trimmable() for c in ahead):
-            for c in ahead:
-                c.trim(c.offset - covered)
-        elif not self._restore(covered):
-            self._layers, self._ids, self._snap = None, [], None
+        """End the lease: the layers were fed a prefix of ``ids`` (their offsets say how much)."""
+        with self._lock:
+            self._busy, self._holder, self._holder_thread = False, None, None
+            if self._layers is None:
+                return
+            covered = min([c.offset for c in self._layers if hasattr(c, "offset")] + [len(ids)])
+            self._ids = [int(t) for t in ids[:covered]]
+            if not kv.trim_ahead(self._layers, covered) and not self._restore(covered):
+                self._layers, self._ids, self._snap = None, [], None
 
-    def prefill(self, ids: Sequence[int], progress: bool | Callable[[int, int], None] | None = None) -> int:
-        """Run the model over ``ids`` (in chunks) so later prompts starting with them reuse the work.
+    def prefill(self, ids: Sequence[int] | Prompt, progress: bool | Callable[[int, int], None] | None = None) -> int:
+        """Run the model over a prompt (in chunks) so later prompts starting with it reuse the work.
 
         Args:
-            ids: Token ids (e.g. ``lm.encode(long_document)``).
+            ids: Token ids or a ``Prompt`` (e.g. ``lm.encode(long_document)``; a
+                vision prompt's image embeddings are fed as they are).
             progress: ``True`` for a tqdm progress bar, or ``progress(done, total)``.
 
         Returns:
             How many tokens were processed (the rest came from the cache).
         """
-        ids = _check_ids(ids, self.lm.vocab_size)
+        from .mlx_engine import generation_stream
+
+        prompt = ids if isinstance(ids, Prompt) else Prompt.of(_check_ids(ids, self.lm.vocab_size))
         report = progress_bar() if progress is True else (progress or None)
         if report is not None and not callable(report):
             raise TypeError(f"progress: expected True, a callable or None, got {type(progress).__name__}")
-        self._check_free()
-        n = self._reuse(ids, len(ids))
-        todo, done = ids[n:], 0
+        engine = self.lm.engine
+        layers, n = self._lease(list(prompt.ids), prompt.media, None, len(prompt))
+        done, todo = 0, len(prompt) - n
         try:
-            while done < len(todo):
-                chunk = todo[done : done + self.prefill_step_size]
-                self.lm.model(mx.array(chunk)[None], cache=self._layers)
-                mx.eval([c.state for c in self._layers])  # type: ignore[union-attr]
+            engine.bind(layers, prompt)
+            while done < todo:
+                start = n + done
+                chunk = list(prompt.ids[start : start + self.prefill_step_size])
+                emb = prompt.embeddings[start : start + len(chunk)] if prompt.embeddings is not None else None
+                with mx.stream(generation_stream()):
+                    engine.call(chunk, layers, emb)
+                    mx.eval([c.state for c in layers])
                 done += len(chunk)
                 if report:
-                    report(done, len(todo))
+                    report(done, todo)
         finally:
-            self.commit(ids[: n + done])
-        return len(todo)
+            self.commit(list(prompt.ids[: n + done]))
+        return todo
 
     # -- save / load -------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -223,15 +263,20 @@ class PromptCache:
         """
         from . import cache_file
 
-        self._check_free()
-        if self._layers is None:
-            raise ValueError("save: expected a cache holding tokens, got an empty cache")
-        settings = {"max_kv_size": self.max_kv_size, "kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size,
-                    "media": list(self._media)}
-        return cache_file.write(self.lm, self._layers, self._ids, settings, path)
+        with self._lock:
+            self._check_free()
+            if self._layers is None:
+                raise ValueError("save: expected a cache holding tokens, got an empty cache")
+            settings = {
+                "max_kv_size": self.max_kv_size,
+                "kv_bits": self.kv_bits,
+                "kv_group_size": self.kv_group_size,
+                "media": list(self._media),
+            }
+            return cache_file.write(self.lm, self._layers, self._ids, settings, path)
 
     @classmethod
-    def load(cls, lm: "LM", path: str | os.PathLike[str]) -> "PromptCache":
+    def load(cls, lm: Any, path: str | os.PathLike[str]) -> PromptCache:
         """Read a cache written by ``save`` for this model.
 
         Raises:
@@ -248,13 +293,29 @@ class PromptCache:
 
     # -- internals ---------------------------------------------------------------
     def _check_free(self) -> None:
-        if self._busy:
-            raise RuntimeError("this PromptCache is in use by a stream that has not finished; iterate it to the end or call its close()")
+        """Raise unless nobody holds the lease; a stream left unfinished on this thread is closed first."""
+        if not self._busy:
+            return
+        holder = self._holder() if self._holder is not None else None
+        if (
+            holder is not None
+            and self._holder_thread == threading.get_ident()
+            and holder.release_lease()
+            and not self._busy
+        ):
+            return
+        where = "on another thread" if self._holder_thread != threading.get_ident() else "that is producing a token now"
+        raise InUseError(
+            f"this PromptCache is in use by a stream {where}; finish or close() it first, "
+            "or give each thread its own PromptCache"
+        )
 
     def _reuse(self, ids: list[int], limit: int) -> int:
         """Cut the layers back to cover ``ids[:n]`` (n <= limit), snapshot them, update stats."""
         n = min(self.common_prefix(ids), limit)
-        consistent = self._layers is not None and all(getattr(c, "offset", len(self._ids)) == len(self._ids) for c in self._layers)
+        consistent = self._layers is not None and all(
+            getattr(c, "offset", len(self._ids)) == len(self._ids) for c in self._layers
+        )
         n = self._cut(n) if n and consistent else 0
         if n == 0:
             self._layers, self._ids, self._snap = self._new_layers(), [], None
@@ -284,73 +345,29 @@ class PromptCache:
 
     def _snapshot(self) -> None:
         # Only layers that may become untrimmable need a copy (bounded: at most their window).
-        if self._layers is None or all(c.is_trimmable() and not hasattr(c, "max_size") for c in self._layers):
-            self._snap = None
-            return
-        keep = [None if c.is_trimmable() and not hasattr(c, "max_size") else copy.deepcopy(c) for c in self._layers]
-        self._snap = (list(self._ids), keep)
+        kept = kv.snapshot(self._layers) if self._layers is not None else None
+        self._snap = (list(self._ids), kept) if kept is not None else None
 
     def _restore(self, n: int) -> bool:
         """Roll back to the snapshot if it covers a prefix of ``self._ids[:n]``."""
         if self._snap is None or self._layers is None:
             return False
         ids, kept = self._snap
-        s = len(ids)
-        if s > n or self._ids[:s] != ids or any(k is None and c.offset < s for c, k in zip(self._layers, kept)):
+        if len(ids) > n or self._ids[: len(ids)] != ids or not kv.restore(self._layers, kept, len(ids)):
             return False
-        for i, (c, k) in enumerate(zip(self._layers, kept)):
-            if k is None:
-                c.trim(c.offset - s)
-            else:
-                self._layers[i] = k
         self._ids, self._snap = list(ids), None
         self._stats.restores += 1
         return True
 
     def _new_layers(self) -> list[Any]:
-        from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
-
-        layers = make_prompt_cache(self.lm.model, max_kv_size=self.max_kv_size)
-        # Models with their own make_cache ignore max_kv_size: bound every layer here.
-        if self.max_kv_size is not None:
-            size = self.max_kv_size
-            layers = [RotatingKVCache(max_size=size, keep=4) if type(c) is KVCache
-                      else RotatingKVCache(max_size=size, keep=c.keep) if type(c) is RotatingKVCache and c.max_size > size
-                      else c for c in layers]
-        if self.kv_bits is not None:
-            layers = [QuantizedKVCache(group_size=self.kv_group_size, bits=self.kv_bits) if type(c) is KVCache else c for c in layers]
-        return list(layers)
-
-
-def progress_bar(desc: str = "prefill", min_total: int = 0) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback drawing a ``tqdm.auto`` bar labelled ``desc``.
-
-    One bar per prefill; prefills shorter than ``min_total`` tokens draw nothing.
-    """
-    state: dict[str, Any] = {"bar": None}
-
-    def report(done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        bar = state["bar"]
-        if bar is None:
-            if total < max(min_total, 1) or done >= total:
-                return
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit="tok", leave=False)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return report
-
-
-def _head_dim(config: dict[str, Any]) -> int | None:
-    cfg = config.get("text_config") or config
-    heads = cfg.get("num_attention_heads")
-    return int(cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads if heads else 0)) or None
+        return kv.bounded(
+            self.lm.engine.make_layers(self.max_kv_size), self.max_kv_size, self.kv_bits, self.kv_group_size
+        )
 
 
 def _check_ids(ids: Any, vocab_size: int) -> list[int]:
+    if isinstance(ids, Prompt):
+        return list(ids.ids)
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise TypeError(f"ids: expected a list of token ids, got {type(ids).__name__}")
     if not ids:

@@ -1,58 +1,52 @@
 """Chat sessions: message history on top of a reused prompt cache.
 
-Each turn's prompt is the chat template's rendering of the history. Assistant
-replies go back in as the tokens the model generated (when their text is
-unchanged), so the cache built while generating them is reused as is; where
-the template renders earlier turns differently, the cache is trimmed to the
-common prefix and the turn's ``reuse_rate`` says how much was kept.
+Each turn's prompt is the chat template's rendering of the history (see
+``nbllm.chat_prompt``: assistant replies go back in as the tokens the model
+generated, so the cache built while generating them is reused as is). When
+the history outgrows the model's context (or the cache's ``max_kv_size``),
+the oldest exchanges are left out of the prompt (the system message stays)
+and the turn's stats say how many.
 
-Interrupting a reply (``cancel()``, ``close()``, KeyboardInterrupt, or a new
-``send()`` before the old reply was read to the end) keeps the text streamed so
-far as the assistant's message; a reply interrupted before its first token
-leaves the history unchanged.
+How a reply ends decides what the history keeps: read to the end, cancelled
+(``cancel()``, a Stop button), closed, or superseded by a new ``send()``, the
+text streamed so far is the assistant's message; an error or an interrupt
+(KeyboardInterrupt) leaves the history as it was before the turn.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+import threading
+from dataclasses import asdict, replace
+from typing import Any
 
-from .cache import PromptCache, progress_bar
-from .sampling import SamplingParams
+from .cache import PromptCache
+from .chat_prompt import ChatRenderer, Message, as_dict, same_text
+from .engine import InUseError, ModelHandle
+from .generate import TokenStream
+from .progress import progress_bar
+from .prompt import Prompt, check_text
+from .request import check_options, make_request
 from .tokens import Completion, Stats, Token, TurnStats
-
-if TYPE_CHECKING:
-    from .generate import TokenStream
-    from .model import LM
 
 __all__ = ["Chat", "ChatReply", "TurnStats"]
 
 _FORMAT = "nbllm-chat/1"
-_SETTINGS = {"max_tokens", "top_logprobs", "stop", "logits_processors", "prefill_step_size", "constraint",
-             "schema", "json", "regex", "choices", "grammar"}
-
-
-@dataclass(frozen=True)
-class _Message:
-    role: str
-    content: str
-    ids: tuple[int, ...] | None = None  # an assistant reply's generated tokens, EOS excluded
-    images: tuple[Any, ...] = ()  # a user message's images (vision models), shown before its text
 
 
 class ChatReply:
-    """The streamed reply to one message: iterate it for ``Token`` records.
+    """The streamed reply to one message: iterate it for ``Token`` records, or read ``text``.
 
-    When it ends (or is interrupted) the chat's history holds the exchange.
+    Reading ``text`` or ``completion()`` runs the reply to the end first, so a
+    reply behaves like a response whether or not anyone iterated it.
     """
 
-    def __init__(self, chat: "Chat", ts: "TokenStream", base: list[_Message], user: _Message, context: int):
-        self._chat, self._ts, self._base, self._user, self._context = chat, ts, base, user, context
-        self.tokens: list[Token] = []
+    def __init__(self, chat: Chat, ts: TokenStream, base: list[Message], user: Message, context: int, dropped: int):
+        self._chat, self._ts, self._base, self._user = chat, ts, base, user
+        self._context, self._dropped = context, dropped
         self.done = False
 
-    def __iter__(self) -> "ChatReply":
+    def __iter__(self) -> ChatReply:
         return self
 
     def __next__(self) -> Token:
@@ -60,22 +54,35 @@ class ChatReply:
             raise StopIteration
         try:
             token = next(self._ts)
-        except BaseException:  # StopIteration, KeyboardInterrupt, errors: settle, then re-raise
-            self._finish()
+        except StopIteration:
+            self._finish(keep=True)
             raise
-        self.tokens.append(token)
+        except BaseException:  # an error or an interrupt: the turn did not happen
+            self._finish(keep=False)
+            raise
         if token.finish_reason is not None:
-            self._finish()
+            self._finish(keep=True)
         return token
 
     @property
+    def tokens(self) -> list[Token]:
+        """The token records streamed so far."""
+        return self._ts.tokens
+
+    @property
     def text(self) -> str:
-        """The reply text streamed so far."""
-        return "".join(t.text for t in self.tokens)
+        """The whole reply text (runs the reply to the end if it is still streaming)."""
+        for _ in self:
+            pass
+        return self._ts.text
 
     @property
     def stats(self) -> Stats:
         return self._ts.stats
+
+    @property
+    def prompt(self) -> Prompt:
+        return self._ts.prompt
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -88,9 +95,7 @@ class ChatReply:
 
     @property
     def finish_reason(self) -> str | None:
-        if self.tokens and self.tokens[-1].finish_reason:
-            return self.tokens[-1].finish_reason
-        return "cancelled" if self.done and self.tokens else None
+        return self._ts.finish_reason
 
     def cancel(self) -> None:
         """End after the current token (thread-safe); the partial reply is kept."""
@@ -98,33 +103,36 @@ class ChatReply:
 
     def close(self) -> None:
         """Stop now; the text streamed so far is kept as the reply."""
-        self._finish()
+        self._finish(keep=True)
+
+    def partial(self) -> Completion:
+        """The reply so far as a ``Completion`` (nothing more is generated)."""
+        return self._ts.partial()
 
     def completion(self) -> Completion:
-        """Read the reply to the end and return it as a ``Completion``."""
+        """Read the reply to the end and return it as a ``Completion`` (``value`` parsed for a constraint)."""
         for _ in self:
             pass
-        completion = Completion.from_tokens(self.tokens, self._ts.stats)
-        if self.constraint is not None:
-            completion.value = self.constraint.finish(completion)
-        return completion
+        return self._ts.completion()
 
-    def _finish(self) -> None:
+    def _closable_here(self) -> bool:
+        return self.done or self._ts.release_lease()
+
+    def _finish(self, keep: bool) -> None:
         if self.done:
             return
         self.done = True
-        self._ts.close()
-        self._chat._settle_reply(self)
+        try:
+            self._ts.close()
+        finally:
+            self._chat._settle_reply(self, keep)
 
     def __repr__(self) -> str:
-        return f"ChatReply({self.text!r}, finish_reason={self.finish_reason!r})"
+        return f"ChatReply({self._ts.text!r}, finish_reason={self.finish_reason!r})"
 
 
 class Chat:
     """A conversation with a model, reusing the KV cache from turn to turn.
-
-    An interrupted reply keeps the text streamed so far (nothing, if it was
-    interrupted before its first token); ``regenerate()`` redoes it.
 
     Args:
         lm: A loaded model with a chat template.
@@ -133,17 +141,27 @@ class Chat:
             user/assistant, e.g. from ``Chat.from_json``; an assistant message may
             carry ``token_ids``).
         prompt_cache: A ``PromptCache`` to use (default: a new one).
-        max_kv_size: Bound the new cache (see ``PromptCache``).
+        max_kv_size: Bound the new cache (see ``PromptCache``); the prompt then
+            keeps to that many tokens too.
         kv_bits: Quantize the new cache (see ``PromptCache``).
         progress: Show a tqdm bar for prefills of at least 512 new tokens.
         **settings: Defaults for every reply: ``max_tokens`` (512), sampling
             settings (``temperature``, ``top_p``, ... as for ``stream``),
-            ``top_logprobs``, ``stop``, ``logits_processors``.
+            ``top_logprobs``, ``stop``, ``logits_processors``, a constraint.
     """
 
-    def __init__(self, lm: "LM", system: str | None = None, *, history: list[dict[str, Any]] | None = None,
-                 prompt_cache: PromptCache | None = None, max_kv_size: int | None = None, kv_bits: int | None = None,
-                 progress: bool = False, **settings: Any):
+    def __init__(
+        self,
+        lm: ModelHandle,
+        system: str | None = None,
+        *,
+        history: list[dict[str, Any]] | None = None,
+        prompt_cache: PromptCache | None = None,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        progress: bool = False,
+        **settings: Any,
+    ):
         if not getattr(lm.tokenizer, "has_chat_template", False):
             raise ValueError(f"Chat: expected a model with a chat template, {lm.name} has none")
         if prompt_cache is not None and (max_kv_size is not None or kv_bits is not None):
@@ -151,15 +169,19 @@ class Chat:
         if prompt_cache is not None and getattr(prompt_cache, "lm", None) is not lm:
             raise ValueError("prompt_cache: expected a PromptCache made for this model")
         settings.setdefault("max_tokens", 512)
-        self._check_settings(settings)
+        check_options(lm, settings)
         self.lm, self.progress = lm, bool(progress)
         self.system = system
         self.settings = settings
-        self.cache = prompt_cache if prompt_cache is not None else PromptCache(lm, max_kv_size=max_kv_size, kv_bits=kv_bits)
-        self._messages = self._parse_history(history or [])
+        self.cache = (
+            prompt_cache if prompt_cache is not None else PromptCache(lm, max_kv_size=max_kv_size, kv_bits=kv_bits)
+        )
+        self._renderer = ChatRenderer(lm.tokenizer)
+        self._messages = _parse_history(history if history is not None else [], lm)
+        self._start_at = 0  # messages before this one no longer fit the prompt
         self._pending: ChatReply | None = None
         self._last: TurnStats | None = None
-        self._checkpoint: tuple[str | None, tuple[_Message, ...], str, list[int]] = (None, (), "", [])
+        self._lock = threading.RLock()
 
     @property
     def system(self) -> str | None:
@@ -168,8 +190,8 @@ class Chat:
 
     @system.setter
     def system(self, value: str | None) -> None:
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"system: expected a str or None, got {type(value).__name__}")
+        if value is not None:
+            check_text(value, "system")
         self._system = value
 
     # -- conversation --------------------------------------------------------
@@ -182,48 +204,54 @@ class Chat:
                 image, array or bytes. Later turns about them reuse the cache.
             **overrides: Settings for this reply only (as in the constructor).
         """
-        _check_text(text, "send")
+        _check_message(text, "send")
         pictures = tuple(images) if isinstance(images, (list, tuple)) else (() if images is None else (images,))
         if pictures and not self.lm.is_vision:
             raise ValueError(f"images: {self.lm.name} is a text-only model; load a vision model to use images")
-        self._settle()
-        return self._start(list(self._messages), _Message("user", text, images=pictures), overrides)
+        with self._lock:
+            self._settle()
+            return self._start(list(self._messages), Message("user", text, images=pictures), overrides)
 
     def regenerate(self, **overrides: Any) -> ChatReply:
         """Answer the last user message again; the new reply replaces the old one when it arrives."""
-        self._settle()
-        if not self._messages:
-            raise IndexError("regenerate: expected a previous exchange, the history is empty")
-        return self._start(self._messages[:-2], self._messages[-2], overrides)
+        with self._lock:
+            self._settle()
+            if not self._messages:
+                raise IndexError("regenerate: expected a previous exchange, the history is empty")
+            return self._start(self._messages[:-2], self._messages[-2], overrides)
 
     def undo(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Drop the last exchange (user message and reply), rewinding the cache; returns it."""
-        self._settle()
-        if not self._messages:
-            raise IndexError("undo: expected an exchange to drop, the history is empty")
-        dropped = self._messages[-2:]
-        self._messages = self._messages[:-2]
-        self._rewind()
-        return _as_dict(dropped[0]), _as_dict(dropped[1])
+        with self._lock:
+            self._settle()
+            if not self._messages:
+                raise IndexError("undo: expected an exchange to drop, the history is empty")
+            dropped = self._messages[-2:]
+            self._messages = self._messages[:-2]
+            self._start_at = min(self._start_at, len(self._messages))
+            self._rewind()
+            return as_dict(dropped[0]), as_dict(dropped[1])
 
     def edit(self, i: int, text: str) -> None:
         """Replace the text of message ``i`` of ``history`` (later messages are kept)."""
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"edit: expected an integer index, got {type(i).__name__}")
-        _check_text(text, "edit")
-        self._settle()
-        n = len(self._messages)
-        if not -n <= i < n:
-            raise IndexError(f"edit: expected an index in [{-n}, {n}), got {i}")
-        old = self._messages[i]
-        self._messages[i] = _Message(old.role, text, images=old.images)
-        self._rewind()
+        _check_message(text, "edit")
+        with self._lock:
+            self._settle()
+            n = len(self._messages)
+            if not -n <= i < n:
+                raise IndexError(f"edit: expected an index in [{-n}, {n}), got {i}")
+            old = self._messages[i]
+            self._messages[i] = Message(old.role, text, images=old.images)
+            self._rewind()
 
     def reset(self) -> None:
         """Forget the conversation (the system message and its cached tokens stay)."""
-        self._settle()
-        self._messages = []
-        self._rewind()
+        with self._lock:
+            self._settle()
+            self._messages, self._start_at = [], 0
+            self._rewind()
 
     # -- views -------------------------------------------------------------------
     @property
@@ -232,11 +260,11 @@ class Chat:
 
         A user message with images also has ``"images"``: how many.
         """
-        return [dict(_as_dict(m), **({"images": len(m.images)} if m.images else {})) for m in self._messages]
+        return [dict(as_dict(m), **({"images": len(m.images)} if m.images else {})) for m in self._messages]
 
     @property
     def last_stats(self) -> TurnStats | None:
-        """Figures for the last finished reply, including cache reuse."""
+        """Figures for the last finished reply, including cache reuse and dropped messages."""
         return self._last
 
     def __repr__(self) -> str:
@@ -244,141 +272,147 @@ class Chat:
 
     def to_json(self, indent: int | None = 2) -> str:
         """The session as JSON (assistant messages keep their token ids, so ``from_json`` is exact)."""
-        messages = [dict(_as_dict(m), **({"token_ids": list(m.ids)} if m.ids is not None else {})) for m in self._messages]
-        return json.dumps({"format": _FORMAT, "model": self.lm.name, "system": self.system, "messages": messages},
-                          indent=indent, ensure_ascii=False)
+        messages = [
+            dict(as_dict(m), **({"token_ids": list(m.ids)} if m.ids is not None else {})) for m in self._messages
+        ]
+        return json.dumps(
+            {"format": _FORMAT, "model": self.lm.name, "system": self.system, "messages": messages},
+            indent=indent,
+            ensure_ascii=False,
+        )
 
     @classmethod
-    def from_json(cls, lm: "LM", text: str, **kwargs: Any) -> "Chat":
-        """A session from ``to_json`` output; ``kwargs`` as for ``Chat``."""
+    def from_json(cls, lm: ModelHandle, text: str, **kwargs: Any) -> Chat:
+        """A session from ``to_json`` output; ``kwargs`` as for ``Chat``.
+
+        Raises:
+            ValueError: ``text`` is not such a document (malformed, wrong types, too deeply nested).
+        """
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ValueError(f"from_json: expected a JSON string from Chat.to_json, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"from_json: expected a JSON string from Chat.to_json, got {type(text).__name__}: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(
+                f"from_json: expected a JSON document from Chat.to_json, got invalid JSON ({str(err)[:80]})"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"from_json: expected a {_FORMAT} document")
-        return cls(lm, data.get("system"), history=data.get("messages") or [], **kwargs)
+        system, messages = data.get("system"), data.get("messages") or []
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"from_json: expected system as a string or null, got {type(system).__name__}")
+        try:
+            return cls(lm, system, history=messages, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"from_json: {err}") from None
 
     def to_markdown(self) -> str:
         """The conversation as Markdown, one section per message."""
         parts = [f"**System:** {self.system}"] if self.system else []
-        parts += [f"### {m.role.capitalize()}\n\n" + (f"*[{len(m.images)} image(s)]*\n\n" if m.images else "") + m.content
-                  for m in self._messages]
+        parts += [
+            f"### {m.role.capitalize()}\n\n" + (f"*[{len(m.images)} image(s)]*\n\n" if m.images else "") + m.content
+            for m in self._messages
+        ]
         return "\n\n".join(parts) + "\n"
 
     # -- internals -----------------------------------------------------------------
-    def _start(self, base: list[_Message], user: _Message, overrides: dict[str, Any]) -> ChatReply:
-        from .generate import stream
-
-        self._check_settings(overrides)
-        ids = self._prompt_ids(base + [user], generation=True)
+    def _start(self, base: list[Message], user: Message, overrides: dict[str, Any]) -> ChatReply:
+        check_options(self.lm, overrides)
+        options = {**self.settings, **overrides}
+        start, prompt = self._fit(base, user, options["max_tokens"])
         progress = progress_bar(min_total=512) if self.progress else None
-        images = [image for m in base + [user] for image in m.images]
-        ts = stream(self.lm, ids, prompt_cache=self.cache, progress=progress, images=images or None,
-                    **{**self.settings, **overrides})
-        self._pending = ChatReply(self, ts, list(base), user, len(self.cache.ids))
-        return self._pending
+        request = make_request(self.lm, prompt, progress=progress, **options)
+        reply = ChatReply(self, TokenStream(self.lm, request, self.cache), base, user, len(self.cache.ids), start)
+        self._pending = reply
+        return reply
+
+    def _fit(self, base: list[Message], user: Message, max_tokens: int) -> tuple[int, Prompt]:
+        """Leave out the oldest exchanges until the prompt leaves room for a reply; (messages left out, prompt)."""
+        limits = [n for n in (self.lm.context_length, self.cache.max_kv_size) if n]
+        start = min(self._start_at, len(base))
+        prompt = self._encode(base[start:] + [user], generation=True)
+        if limits:
+            budget = min(limits) - min(max_tokens, min(limits) // 4)
+            while start < len(base) and len(prompt) > budget:
+                start += 2  # whole exchanges, so the prompt still starts with a user turn
+                prompt = self._encode(base[start:] + [user], generation=True)
+        return start, prompt
+
+    def _encode(self, messages: list[Message], generation: bool) -> Prompt:
+        ids = self._renderer.ids(self.system, messages, generation)
+        images = [image for m in messages for image in m.images]
+        return replace(self.lm.encode(ids, images=images or None), continuation=False)
 
     def _settle(self) -> None:
-        if self._pending is not None:
-            self._pending.close()
-        if self.cache.busy:  # shared with a stream that is still running
-            raise RuntimeError("the chat's PromptCache is in use by another stream; finish or close it first")
+        pending = self._pending
+        if pending is not None:
+            if not pending._closable_here():
+                raise InUseError(
+                    "this Chat is in use: a reply is streaming on another thread; wait for it or cancel() it"
+                )
+            pending.close()
+        self.cache.ensure_free()
 
-    def _settle_reply(self, reply: ChatReply) -> None:
-        if self._pending is reply:
-            self._pending = None
-        if not reply.tokens:  # interrupted before the first token: nothing to keep
-            return
-        content = reply.text
-        ids = [t.id for t in reply.tokens if not t.special]
-        same = _same_text(self.lm.decode(ids), content)
-        self._messages = reply._base + [reply._user, _Message("assistant", content, tuple(ids) if same else None)]
-        stats = reply.stats
-        self._last = TurnStats(**asdict(stats), context_tokens=reply._context,
-                               reuse_rate=stats.cached_tokens / reply._context if reply._context else None,
-                               finish_reason=reply.finish_reason)
+    def _settle_reply(self, reply: ChatReply, keep: bool) -> None:
+        with self._lock:
+            if self._pending is reply:
+                self._pending = None
+            tokens = reply.tokens
+            if not keep or not tokens:  # an error, an interrupt, or nothing streamed: no turn
+                return
+            content = "".join(t.text for t in tokens)
+            ids = [t.id for t in tokens if not t.special]
+            exact = same_text(self.lm.decode(ids), content)
+            assistant = Message("assistant", content, tuple(ids) if exact else None)
+            self._messages = reply._base + [reply._user, assistant]
+            self._start_at = max(self._start_at, reply._dropped)
+            stats = reply.stats
+            self._last = TurnStats(
+                **asdict(stats),
+                context_tokens=reply._context,
+                reuse_rate=stats.cached_tokens / reply._context if reply._context else None,
+                finish_reason=reply.finish_reason,
+                dropped_messages=reply._dropped,
+            )
 
     def _rewind(self) -> None:
         """Trim the cache to what the remaining history shares with it."""
-        ids = self._prompt_ids(self._messages, generation=False) if self._messages or self.system else []
-        self.cache.trim_to(self.cache.common_prefix(ids))
-
-    def _prompt_ids(self, msgs: list[_Message], generation: bool) -> list[int]:
-        """Token ids of the template's rendering, with assistant turns as generated.
-
-        A pure function of the messages (so a fresh session gives the same ids);
-        the checkpoint only saves re-rendering the turns it has already seen.
-        """
-        full = self._render(msgs, generation)
-        system, seen, text, ids = self._checkpoint
-        start = len(seen)
-        if system != self.system or start > len(msgs) or any(a is not b for a, b in zip(seen, msgs)) or not full.startswith(text):
-            start, text, ids = 0, "", []
-        for k in range(start, len(msgs)):
-            m = msgs[k]
-            if m.role != "assistant" or m.ids is None:
-                continue
-            before = self._render(msgs[:k], True)
-            if not before.startswith(text) or not full.startswith(before + m.content):
-                break  # the template re-renders this turn differently: plain text from here
-            ids = ids + self._encode(before[len(text):]) + list(m.ids)
-            text = before + m.content
-            self._checkpoint = (self.system, tuple(msgs[: k + 1]), text, ids)
-        return ids + self._encode(full[len(text):])
-
-    def _render(self, msgs: list[_Message], generation: bool) -> str:
-        dicts = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [_template_dict(m) for m in msgs]
-        return str(self.lm.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation))
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.lm.tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-    def _parse_history(self, history: Any) -> list[_Message]:
-        if not isinstance(history, list):
-            raise TypeError(f"history: expected a list of message dicts, got {type(history).__name__}")
-        out: list[_Message] = []
-        for i, m in enumerate(history):
-            role = "user" if i % 2 == 0 else "assistant"
-            if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
-                raise ValueError(f"history[{i}]: expected {{'role': '{role}', 'content': str}} (user/assistant alternating), got {m!r:.80}")
-            ids = m.get("token_ids")
-            if ids is not None and (role != "assistant" or not isinstance(ids, list)
-                                    or not all(isinstance(t, int) and 0 <= t < self.lm.vocab_size for t in ids)):
-                raise ValueError(f"history[{i}]: expected token_ids only on assistant messages, as ids in [0, {self.lm.vocab_size})")
-            # Ids from another tokenizer would not spell the text: fall back to the text.
-            keep = ids is not None and _same_text(self.lm.decode(ids), m["content"])
-            out.append(_Message(role, m["content"], tuple(ids) if ids is not None and keep else None))
-        if len(out) % 2:
-            raise ValueError(f"history: expected complete user/assistant exchanges, got {len(out)} messages")
-        return out
-
-    @staticmethod
-    def _check_settings(settings: dict[str, Any]) -> None:
-        rest = dict(settings)
-        SamplingParams.from_kwargs(rest)
-        if set(rest) - _SETTINGS:
-            raise TypeError(f"unexpected setting(s): {', '.join(sorted(set(rest) - _SETTINGS))}")
+        if not self._messages and self.system is None:
+            self.cache.trim_to(0)
+            return
+        prompt = self._encode(self._messages[self._start_at :], generation=False)
+        self.cache.trim_to(self.cache.common_prefix(prompt.ids))
 
 
-def _same_text(decoded: str, content: str) -> bool:
-    # mlx-lm's streaming detokenizer drops one leading space of a reply.
-    return decoded == content or (decoded[:1] == " " and decoded[1:] == content)
-
-
-def _as_dict(m: _Message) -> dict[str, Any]:
-    return {"role": m.role, "content": m.content}
-
-
-def _template_dict(m: _Message) -> dict[str, Any]:
-    # Image parts make the template emit one marker per image; prepare_inputs expands them.
-    if not m.images:
-        return _as_dict(m)
-    return {"role": m.role, "content": [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.content}]}
-
-
-def _check_text(text: Any, where: str) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"{where}: expected a str message, got {type(text).__name__}")
+def _check_message(text: Any, where: str) -> None:
+    check_text(text, where)
     if not text.strip():
         raise ValueError(f"{where}: expected a non-empty message, got {text!r}")
+
+
+def _parse_history(history: Any, lm: ModelHandle) -> list[Message]:
+    if not isinstance(history, list):
+        raise ValueError(f"history: expected a list of message dicts, got {type(history).__name__}")
+    out: list[Message] = []
+    for i, m in enumerate(history):
+        role = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"history[{i}]: expected {{'role': '{role}', 'content': str}} (user/assistant alternating), got {m!r:.80}"
+            )
+        check_text(m["content"], f"history[{i}]")
+        ids = m.get("token_ids")
+        if ids is not None and (
+            role != "assistant"
+            or not isinstance(ids, list)
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < lm.vocab_size for t in ids)
+        ):
+            raise ValueError(
+                f"history[{i}]: expected token_ids only on assistant messages, as ids in [0, {lm.vocab_size})"
+            )
+        # Ids from another tokenizer would not spell the text: fall back to the text.
+        keep = ids is not None and same_text(lm.decode(ids), m["content"])
+        out.append(Message(role, m["content"], tuple(ids) if ids is not None and keep else None))
+    if len(out) % 2:
+        raise ValueError(f"history: expected complete user/assistant exchanges, got {len(out)} messages")
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _color(prob: float) -> str:
     # green (confident) -> yellow -> red (unlikely), ANSI 256 colours
-    return "\033[38;5;%dm" % (46 if prob > 0.7 else 226 if prob > 0.3 else 208 if prob > 0.1 else 196)
+    code = 46 if prob > 0.7 else 226 if prob > 0.3 else 208 if prob > 0.1 else 196
+    return f"\033[38;5;{code}m"
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -51,8 +52,16 @@ def _generate(args: argparse.Namespace) -> int:
     raw = args.raw or not lm.tokenizer.has_chat_template
     tty = sys.stdout.isatty()
     ts = lm.stream(
-        args.prompt, raw=raw, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+        args.prompt,
+        raw=raw,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
         top_logprobs=max(1, args.alternatives),
     )
     print(f"{lm.name} · {'completion' if raw else 'chat'} · prompt: {args.prompt!r}\n")

@@ -1,18 +1,19 @@
 """Turning token ids and log-probabilities into ``Token`` records.
 
-Shared by ``stream`` and the stepper: the streaming text (multi-byte safe,
-stop strings held back while a partial match is pending) and the per-token
-figures (logprob, top alternatives under the model and under the sampler).
+Shared by the token stream and the stepper: the streaming text (multi-byte
+safe, stop strings held back while a partial match is pending) and the
+per-token figures (logprob, top alternatives under the model and under the
+sampler) from whatever distribution the engine reported.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import mlx.core as mx
-
-from .sampling import SamplingParams, sampled_probs
+from .distribution import Distribution, sampled_probs
+from .sampling import SamplingParams
 from .tokens import Alternative
 
 __all__ = ["TextAssembler", "describe", "piece_of"]
@@ -119,34 +120,37 @@ def _raw_bytes(tokenizer: Any, token_id: int) -> str | None:
 
 def describe(
     token_id: int,
-    logprobs: mx.array,
+    dist: Distribution,
     params: SamplingParams,
     k: int,
     tokenizer: Any,
     memo: dict[int, str],
-) -> tuple[float, float | None, tuple[Alternative, ...]]:
+) -> tuple[float | None, float | None, tuple[Alternative, ...]]:
     """Figures for one position.
 
     Args:
         token_id: The token taken at this position.
-        logprobs: Model log-probabilities after processors, shape ``(vocab,)``.
+        dist: The position's distribution (after processors).
         params: Sampling settings, for the sampler's own distribution.
         k: How many top alternatives to return (0 for none).
 
     Returns:
-        ``(logprob, sampled_prob, top)``; ``sampled_prob`` is ``None`` when ``k == 0``.
+        ``(logprob, sampled_prob, top)``. ``sampled_prob`` is ``None`` when
+        ``k == 0`` or only the top entries of the distribution are known;
+        ``logprob`` is ``None`` when the engine did not report this token.
     """
     import numpy as np
 
     # A numpy view of the evaluated vector: indexing it needs no new mlx work,
-    # which would queue behind the step mlx-lm has already started.
-    lp = np.asarray(logprobs if logprobs.dtype == mx.float32 else logprobs.astype(mx.float32))
+    # which would queue behind the step the engine has already started.
+    lp = dist.numpy()
+    if lp is None:
+        top = tuple(Alternative(i, piece_of(tokenizer, i, memo), v) for i, v in dist.top(k))
+        return dist.logprob(token_id), None, top
     if k <= 0:
         return float(lp[token_id]), None, ()
-    k = min(k, lp.shape[-1])
-    idx = np.argpartition(-lp, k - 1)[:k]
-    idx = idx[np.argsort(-lp[idx], kind="stable")]
-    probs = sampled_probs(lp, params, np.append(idx, token_id))
-    top = tuple(Alternative(int(i), piece_of(tokenizer, int(i), memo), float(lp[i]), float(p)) for i, p in zip(idx, probs[:-1]))
+    entries = dist.top(k)
+    ids = np.array([i for i, _ in entries] + [token_id])
+    probs = sampled_probs(lp, params, ids)
+    top = tuple(Alternative(i, piece_of(tokenizer, i, memo), v, float(p)) for (i, v), p in zip(entries, probs[:-1]))
     return float(lp[token_id]), float(probs[-1]), top
-

@@ -1,65 +1,135 @@
 """The token stream: ``stream()`` yields ``Token`` records, ``generate()`` collects them.
 
-Decoding itself is ``mlx_lm.generate_step`` (prefill in chunks, one step
-ahead); this module adds what a notebook needs around it: prompts through the
-chat template, validated sampling settings, penalties that see the prompt,
-stop strings, top-k alternatives, cancellation, cache reuse and stats.
+``TokenStream`` owns the loop: it takes ``Step`` records from an engine run
+(see ``nbllm.engine``) and turns them into ``Token`` records with the text
+(stop strings held back while pending), the alternatives and the stats, and
+decides when generation ends. ``completion()`` reads it to the end and parses
+a structured value. ``generate``, chat replies, the views and the magics all
+use it; none of them knows which engine produced the steps.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, cast
-
-import mlx.core as mx
+from typing import Any
 
 from .decode import TextAssembler, describe, piece_of
-from .sampling import LogitsProcessor, SamplingParams, make_processors, make_token_sampler
+from .engine import Cancelled, InUseError, ModelHandle, Request, Step
+from .request import make_request
 from .tokens import Completion, Stats, Token
 
-if TYPE_CHECKING:
-    from .model import LM
-
-__all__ = ["TokenStream", "stream", "generate", "CacheLike"]
-
-
-class CacheLike(Protocol):
-    """What ``stream`` needs from a reusable prompt cache (see ``nbllm.PromptCache``)."""
-
-    def prepare(self, ids: list[int], media: Sequence[str] = ()) -> tuple[list[Any], int]:
-        """Return mlx-lm cache layers covering ``ids[:n]`` and ``n`` (< len(ids)).
-
-        ``media`` identifies the prompt's images: other images, no reuse.
-        """
-        ...
-
-    def commit(self, ids: list[int]) -> None:
-        """Record that the layers now cover a prefix of ``ids`` (their offset says how much)."""
-        ...
+__all__ = ["TokenStream", "stream", "generate", "check_prompt_cache"]
 
 
 class TokenStream:
-    """An iterator of ``Token`` records with live ``stats`` and ``cancel()``.
+    """An iterator of ``Token`` records with live ``stats``, ``cancel()`` and ``completion()``.
 
     Iterate it once; the last record has a ``finish_reason``. ``cancel()`` (from
-    any thread, e.g. a Stop button) ends the stream after the current token.
+    any thread, e.g. a Stop button) ends it after the current token, or within
+    one prefill chunk while the prompt is being processed. ``close()`` ends it
+    now (from another thread: after the current token). However it ends, a
+    prompt cache it used keeps exactly the tokens it covers.
+
+    Args:
+        lm: The model handle.
+        request: The validated request (``nbllm.request.make_request``).
+        prompt_cache: A ``PromptCache`` (prefix reuse), mlx-lm cache layers, or ``None``.
     """
 
-    def __init__(self, iterator_factory: Callable[["TokenStream"], Iterator[Token]], prompt_ids: list[int], constraint: Any = None):
-        self.prompt_ids = prompt_ids
-        self.stats = Stats(prompt_tokens=len(prompt_ids))
-        self.constraint = constraint
-        self._cancelled = False
-        self._it = iterator_factory(self)
+    def __init__(self, lm: ModelHandle, request: Request, prompt_cache: Any = None):
+        self.request, self.prompt = request, request.prompt
+        self.stats = Stats(prompt_tokens=len(request.prompt))
+        self.tokens: list[Token] = []
+        self._lm = lm
+        self._run = lm.engine.start(request, prompt_cache, owner=self)
+        self.constraint = self._run.constraint
+        self._lock = threading.Lock()  # held while a token is being produced
+        self._thread: int | None = None
+        self._cancelled = self._close_requested = False
+        self._ended: str | None = None
+        self._it: Any = None
 
-    def __iter__(self) -> "TokenStream":
+    # -- iteration ---------------------------------------------------------------
+    def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> Token:
-        return next(self._it)
+        if not self._lock.acquire(blocking=False):
+            raise InUseError(
+                "this stream is being iterated on another thread; iterate a stream from one thread at a time"
+            )
+        try:
+            self._thread = threading.get_ident()
+            if self._it is None:
+                if self._ended is not None:
+                    raise StopIteration
+                self._it = self._loop()
+            return next(self._it)
+        finally:
+            self._lock.release()
+            if self._close_requested:
+                self.close()
 
+    def _loop(self) -> Any:
+        request, lm = self.request, self._lm
+        tokenizer, params, k = lm.tokenizer, request.params, request.top_logprobs
+        text = TextAssembler(tokenizer, request.stop, continuation=self.prompt.continuation)
+        eos, stats = tokenizer.eos_token_ids, self.stats
+        tic, first = time.perf_counter(), 0.0
+        steps = self._run.generate(lambda: self._cancelled)
+        try:
+            for n, step in enumerate(steps):
+                if n == 0:
+                    first = time.perf_counter()
+                    stats.cached_tokens = self._run.cached_tokens
+                    stats.time_to_first_token = first - tic
+                    stats.prompt_tps = (len(self.prompt) - stats.cached_tokens) / max(first - tic, 1e-9)
+                finish, piece = self._finish(step.token in eos, text, step.token, n)
+                token = _record(step, n, piece, finish, lm, params, k)
+                stats.generated_tokens = n + 1
+                if n > 0:
+                    stats.generation_tps = n / (time.perf_counter() - first)
+                self.tokens.append(token)
+                yield token
+                if finish is not None:
+                    break
+        except Cancelled:
+            self._ended = "cancelled"
+        except GeneratorExit:
+            self._ended = "cancelled"
+            raise
+        except KeyboardInterrupt:
+            self._ended = "interrupted"
+            raise
+        except BaseException:
+            self._ended = "error"
+            raise
+        finally:
+            steps.close()
+            self._run.close()
+            if self._ended is None and (not self.tokens or self.tokens[-1].finish_reason is None):
+                self._ended = "cancelled"
+            stats.peak_memory_gb = _peak_memory_gb()
+
+    def _finish(self, is_eos: bool, text: TextAssembler, token: int, n: int) -> tuple[str | None, str]:
+        piece = "" if is_eos else text.add(token)
+        finish = None
+        if is_eos:
+            finish = "stop"
+        elif text.stopped:
+            finish = "stop_string"
+        elif n + 1 == self.request.max_tokens:
+            finish = "length"
+        elif self._cancelled:
+            finish = "cancelled"
+        if finish is not None and finish != "stop_string":
+            piece += text.flush()
+        return finish, piece
+
+    # -- control -----------------------------------------------------------------
     def cancel(self) -> None:
-        """Ask the stream to stop after the current token (``finish_reason='cancelled'``)."""
+        """End after the current token (``finish_reason='cancelled'``); safe from any thread."""
         self._cancelled = True
 
     @property
@@ -67,187 +137,138 @@ class TokenStream:
         return self._cancelled
 
     def close(self) -> None:
-        """Stop now and release the model state (the prompt cache is kept consistent)."""
-        close = getattr(self._it, "close", None)
-        if close:
-            close()
+        """End now and release the model state (a prompt cache keeps what it covers).
+
+        From another thread than the one iterating, the stream ends after the
+        token being produced.
+        """
+        if not self._lock.acquire(blocking=False):
+            self._close_requested = self._cancelled = True
+            return
+        try:
+            self._close_requested = False
+            if self._it is not None:
+                self._it.close()
+            elif self._ended is None:
+                self._run.close()
+                self._ended = "cancelled"
+        finally:
+            self._lock.release()
+
+    def release_lease(self) -> bool:
+        """Close this stream for a new request on the same prompt cache, if it is safe here.
+
+        Safe when called on the thread that iterates it and it is not producing
+        a token now (a stream left unfinished in a notebook). Returns whether it closed.
+        """
+        if self._thread not in (None, threading.get_ident()) or self._lock.locked():
+            return False
+        self.close()
+        return True
+
+    # -- results -----------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(t.text for t in self.tokens)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """How the stream ended (``None`` while it runs)."""
+        if self.tokens and self.tokens[-1].finish_reason:
+            return self.tokens[-1].finish_reason
+        return self._ended
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self.prompt.ids)
+
+    def partial(self) -> Completion:
+        """The tokens so far as a ``Completion`` (nothing more is generated, no value is parsed)."""
+        return Completion.from_tokens(self.tokens, self.stats, ended=self.finish_reason)
+
+    def completion(self) -> Completion:
+        """Read the stream to the end and return it as a ``Completion``.
+
+        With a structured-output constraint, ``value`` holds the parsed value.
+
+        Raises:
+            StructuredOutputError: The output does not complete the constraint.
+        """
+        for _ in self:
+            pass
+        done = self.partial()
+        if self.constraint is not None:
+            done.value = self.constraint.finish(done)
+        return done
+
+    def __repr__(self) -> str:
+        return f"TokenStream({len(self.prompt)} prompt tokens, {len(self.tokens)} generated, finish_reason={self.finish_reason!r})"
 
 
-def stream(
-    lm: "LM",
-    prompt: Any,
-    *,
-    max_tokens: int = 256,
-    top_logprobs: int = 0,
-    stop: str | Sequence[str] | None = None,
-    system: str | None = None,
-    raw: bool = False,
-    images: Sequence[Any] | Any | None = None,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
-    prompt_cache: CacheLike | list[Any] | None = None,
-    max_kv_size: int | None = None,
-    prefill_step_size: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
-    constraint: Any = None,
-    **options: Any,
-) -> TokenStream:
+def _record(step: Step, n: int, text: str, finish: str | None, lm: ModelHandle, params: Any, k: int) -> Token:
+    logprob, sampled_prob, top = describe(step.token, step.dist, params, k, lm.tokenizer, lm.pieces)
+    return Token(
+        id=step.token,
+        text=text,
+        piece=piece_of(lm.tokenizer, step.token, lm.pieces),
+        logprob=float("nan") if logprob is None else logprob,
+        index=n,
+        top=top,
+        sampled_prob=sampled_prob,
+        forced=step.forced,
+        special=finish == "stop",
+        finish_reason=finish,
+        masked_prob=step.masked_prob,
+    )
+
+
+def _peak_memory_gb() -> float:
+    import mlx.core as mx
+
+    return float(mx.get_peak_memory()) / 1e9
+
+
+def check_prompt_cache(lm: ModelHandle, prompt_cache: Any) -> None:
+    """``prompt_cache``: ``None``, a ``PromptCache`` made for ``lm``, or a list of mlx-lm cache layers."""
+    if prompt_cache is None or isinstance(prompt_cache, list):
+        return
+    if not hasattr(prompt_cache, "prepare"):
+        raise TypeError(
+            f"prompt_cache: expected a PromptCache, mlx-lm cache layers or None, got {type(prompt_cache).__name__}"
+        )
+    if getattr(prompt_cache, "lm", lm) is not lm:
+        raise ValueError("prompt_cache: expected a PromptCache made for this model, got one made for another")
+
+
+def stream(lm: ModelHandle, prompt: Any, *, prompt_cache: Any = None, **kwargs: Any) -> TokenStream:
     """Stream a completion token by token.
 
     Args:
         lm: A loaded model.
         prompt: Text (chat template applied when the model has one), chat
-            messages, or token ids.
-        max_tokens: Most tokens to generate (>= 1).
-        top_logprobs: How many alternatives to attach to each token (0 = none).
-        stop: Stop string(s): generation ends when one appears; it is not in the text.
-        system: System message (chat template only).
-        raw: Plain completion, no chat template.
-        images: Image(s) for a vision model: path, URL, PIL image, array or bytes.
-        logits_processors: Extra ``processor(tokens, logits) -> logits`` callables.
-        prompt_cache: A ``PromptCache`` (prefix reuse) or mlx-lm cache layers.
-        max_kv_size: Bound the KV cache (rotating) when no cache is given.
-        prefill_step_size: Prompt tokens per prefill chunk.
-        progress: ``progress(done, total)`` called during prefill.
-        constraint: A structured-output constraint (see ``nbllm.structured``);
-            or pass ``schema=``, ``json=``, ``regex=``, ``choices=``, ``grammar=``.
-        **options: Sampling settings (``SamplingParams``): temperature, top_k,
-            top_p, min_p, xtc_probability, xtc_threshold, repetition_penalty,
-            presence_penalty, frequency_penalty, penalty_context, logit_bias, seed.
+            messages, token ids, or a ``Prompt`` from ``lm.encode``.
+        prompt_cache: A ``PromptCache`` (reuses the longest cached prefix) or mlx-lm cache layers.
+        **kwargs: Everything ``nbllm.request.make_request`` takes: ``max_tokens``
+            (256), ``top_logprobs`` (0), ``stop``, ``system``, ``raw``, ``images``,
+            ``logits_processors``, ``max_kv_size``, ``prefill_step_size``,
+            ``progress``, ``truncate``, a constraint (``schema=``, ``json=``,
+            ``regex=``, ``choices=``, ``grammar=`` or ``constraint=``) and the
+            sampling settings (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+            ``xtc_probability``, ``xtc_threshold``, ``repetition_penalty``,
+            ``presence_penalty``, ``frequency_penalty``, ``penalty_context``,
+            ``logit_bias``, ``seed``).
 
     Returns:
-        A ``TokenStream`` of ``Token`` records.
+        A ``TokenStream`` of ``Token`` records (nothing runs until it is iterated).
     """
-    params = SamplingParams.from_kwargs(options)
-    constraint = _constraint_from(lm, constraint, options)
-    if options:
-        raise TypeError(f"unexpected argument(s): {', '.join(sorted(options))}")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
-    if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= min(100, lm.vocab_size):
-        raise ValueError(f"top_logprobs: expected an integer in [0, {min(100, lm.vocab_size)}], got {top_logprobs!r}")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop: expected non-empty strings, got {stop!r}")
-    ids = lm.encode(prompt, system=system, raw=raw)
-    image_list = _as_list(images)
-    embeddings = lm.prepare_inputs(ids, image_list)
-    if embeddings is not None:
-        # Computed here, not lazily: the stream may be iterated on another thread.
-        mx.eval(embeddings)
-    # Validate everything that can fail before touching the cache.
-    extra = list(logits_processors or [])
-    make_processors(params, lm.tokenizer, lm.vocab_size)
-
-    continuation = not lm.is_chat(prompt, raw)
-
-    def run(ts: TokenStream) -> Iterator[Token]:
-        return _run(lm, ts, ids, embeddings, params, extra, constraint, stops, max_tokens, top_logprobs,
-                    prompt_cache, max_kv_size, prefill_step_size, progress, continuation)
-
-    return TokenStream(run, ids, constraint)
+    check_prompt_cache(lm, prompt_cache)
+    return TokenStream(lm, make_request(lm, prompt, **kwargs), prompt_cache)
 
 
-def _as_list(images: Any) -> list[Any]:
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
+def generate(lm: ModelHandle, prompt: Any, **kwargs: Any) -> Completion:
+    """Generate to the end and return a ``Completion`` (text, tokens, stats, parsed ``value``).
 
-
-def _constraint_from(lm: "LM", constraint: Any, options: dict[str, Any]) -> Any:
-    keys = [k for k in ("schema", "json", "regex", "choices", "grammar") if k in options]
-    spec = {k: options.pop(k) for k in keys}
-    spec = {k: v for k, v in spec.items() if v is not None and v is not False}
-    if not spec:
-        return constraint
-    if constraint is not None or len(spec) > 1:
-        raise ValueError(f"expected at most one of constraint/schema/json/regex/choices/grammar, got {sorted(spec)}")
-    from .structured import make_constraint
-
-    return make_constraint(lm, **spec)
-
-
-def _run(
-    lm: "LM", ts: TokenStream, ids: list[int], embeddings: mx.array | None, params: SamplingParams,
-    extra: list[LogitsProcessor], constraint: Any, stops: list[str], max_tokens: int, k: int,
-    prompt_cache: Any, max_kv_size: int | None, prefill_step_size: int, progress: Any, continuation: bool,
-) -> Iterator[Token]:
-    from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
-    tic = time.perf_counter()
-    if constraint is not None:  # before prepare(): nothing may fail between prepare() and the commit() below
-        constraint.reset()
-        extra = extra + [constraint.processor]
-    reusable = hasattr(prompt_cache, "prepare")
-    if reusable:
-        layers, reused = prompt_cache.prepare(ids, lm.media_key(ids))
-    else:
-        layers = prompt_cache if prompt_cache is not None else make_prompt_cache(lm.model, max_kv_size=max_kv_size)
-        reused = 0
-    ts.stats.cached_tokens = reused
-    feed = mx.array(ids[reused:])
-    if embeddings is not None:
-        embeddings = embeddings[reused:]
-    procs = make_processors(params, lm.tokenizer, lm.vocab_size, context_prefix=ids[:reused], extra=extra)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    steps = generate_step(
-        feed, lm.model, max_tokens=max_tokens, sampler=make_token_sampler(params),
-        logits_processors=procs or None, prompt_cache=layers, prefill_step_size=prefill_step_size,
-        prompt_progress_callback=progress, input_embeddings=embeddings,
-    )
-    text = TextAssembler(lm.tokenizer, stops, continuation=continuation)
-    eos = lm.tokenizer.eos_token_ids
-    generated: list[int] = []
-    first = 0.0
-    try:
-        for n, (tok_array, logprobs) in enumerate(steps):
-            tok = int(cast(int, tok_array))  # generate_step yields a Python int despite its annotation
-            if n == 0:
-                first = time.perf_counter()
-                ts.stats.time_to_first_token = first - tic
-                ts.stats.prompt_tps = len(feed) / max(ts.stats.time_to_first_token, 1e-9)
-            generated.append(tok)
-            is_eos = tok in eos
-            piece = text.add(tok) if not is_eos else ""
-            finish = None
-            if is_eos:
-                finish = "stop"
-            elif text.stopped:
-                finish = "stop_string"
-            elif n + 1 == max_tokens:
-                finish = "length"
-            elif ts.cancelled:
-                finish = "cancelled"
-            if finish is not None and finish != "stop_string":
-                piece += text.flush()
-            logprob, sampled_prob, top = describe(tok, logprobs, params, k, lm.tokenizer, lm.pieces)
-            ts.stats.generated_tokens = n + 1
-            if n > 0:
-                ts.stats.generation_tps = n / (time.perf_counter() - first)
-            yield Token(
-                id=tok, text=piece, piece=piece_of(lm.tokenizer, tok, lm.pieces), logprob=logprob, index=n,
-                top=top, sampled_prob=sampled_prob, forced=bool(constraint is not None and constraint.was_forced(n)),
-                special=is_eos, finish_reason=finish,
-                masked_prob=constraint.masked_prob(n) if constraint is not None else None,
-            )
-            if finish is not None:
-                break
-    finally:
-        ts.stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        steps.close()
-        if reusable:
-            prompt_cache.commit(ids + generated)
-
-
-def generate(lm: "LM", prompt: Any, **kwargs: Any) -> Completion:
-    """Generate to the end and return a ``Completion`` (text, tokens, stats).
-
-    Takes the same arguments as ``stream``. With a structured-output
-    constraint, ``Completion.value`` holds the parsed value.
+    Takes the same arguments as ``stream``.
     """
-    ts = stream(lm, prompt, **kwargs)
-    completion = Completion.from_tokens(ts, ts.stats)
-    if ts.constraint is not None:
-        completion.value = ts.constraint.finish(completion)
-    return completion
+    return stream(lm, prompt, **kwargs).completion()

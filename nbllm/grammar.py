@@ -14,8 +14,9 @@ import json as _json
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["OutputSpec", "JSON_STYLE", "output_spec", "compile_matcher", "ll_tokenizer", "cached_grammars"]
 
@@ -53,8 +54,11 @@ def output_spec(
     """Build the spec for exactly one of the keyword arguments (see ``make_constraint``)."""
     import llguidance as llg
 
-    given = {k: v for k, v in dict(schema=schema, json=json, regex=regex, choices=choices, grammar=grammar).items()
-             if v is not None and v is not False}
+    given = {
+        k: v
+        for k, v in dict(schema=schema, json=json, regex=regex, choices=choices, grammar=grammar).items()
+        if v is not None and v is not False
+    }
     if len(given) != 1:
         raise ValueError(f"expected exactly one of schema/json/regex/choices/grammar, got {sorted(given) or 'none'}")
     kind, value = next(iter(given.items()))
@@ -70,8 +74,12 @@ def output_spec(
             raise TypeError(f"regex: expected a non-empty pattern string, got {value!r}")
         return OutputSpec("regex", llg.grammar_from("regex", value), str, f"regex {value!r}")
     if kind == "choices":
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
-                or not all(isinstance(c, str) and c for c in value):
+        if (
+            isinstance(value, (str, bytes))
+            or not isinstance(value, (list, tuple))
+            or not value
+            or not all(isinstance(c, str) and c for c in value)
+        ):
             raise TypeError(f"choices: expected a non-empty list of non-empty strings, got {value!r}")
         lark = "start: " + " | ".join(_lark_literal(c) for c in value)
         return OutputSpec("choices", llg.grammar_from("lark", lark), str, f"choices {list(value)!r}")
@@ -140,12 +148,16 @@ def _json_grammar(schema: Mapping[str, Any]) -> str:
 
 def _schema_spec(schema: Any) -> OutputSpec:
     if isinstance(schema, Mapping):
-        return OutputSpec("schema", _json_grammar(dict(schema)), _json.loads, f"schema {schema.get('title', '')}".strip())
+        return OutputSpec(
+            "schema", _json_grammar(dict(schema)), _json.loads, f"schema {schema.get('title', '')}".strip()
+        )
     if isinstance(schema, str):
         try:
             parsed = _json.loads(schema)
         except ValueError as e:
-            raise ValueError(f"schema: expected a JSON Schema as a JSON string, got text that is not JSON ({e})") from None
+            raise ValueError(
+                f"schema: expected a JSON Schema as a JSON string, got text that is not JSON ({e})"
+            ) from None
         if not isinstance(parsed, dict):
             raise ValueError(f"schema: expected a JSON object, got {type(parsed).__name__}")
         return _schema_spec(parsed)
@@ -153,15 +165,19 @@ def _schema_spec(schema: Any) -> OutputSpec:
 
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         model = schema
-        return OutputSpec("schema", _json_grammar(model.model_json_schema()), model.model_validate_json,
-                          f"schema {model.__name__}")
+        return OutputSpec(
+            "schema", _json_grammar(model.model_json_schema()), model.model_validate_json, f"schema {model.__name__}"
+        )
     try:  # dataclasses, TypedDicts, list[int], Literal[...]: anything Pydantic can describe
         adapter = TypeAdapter(schema)
         described = adapter.json_schema()
     except Exception:
-        raise TypeError(f"schema: expected a Pydantic model class, a JSON Schema dict or JSON string, got {schema!r}") from None
-    return OutputSpec("schema", _json_grammar(described), adapter.validate_json,
-                      f"schema {getattr(schema, '__name__', schema)}")
+        raise TypeError(
+            f"schema: expected a Pydantic model class, a JSON Schema dict or JSON string, got {schema!r}"
+        ) from None
+    return OutputSpec(
+        "schema", _json_grammar(described), adapter.validate_json, f"schema {getattr(schema, '__name__', schema)}"
+    )
 
 
 class _TokenizerEntry:
@@ -170,7 +186,7 @@ class _TokenizerEntry:
         self.matchers: OrderedDict[str, Any] = OrderedDict()
 
 
-_ENTRIES: "weakref.WeakKeyDictionary[Any, _TokenizerEntry]" = weakref.WeakKeyDictionary()
+_ENTRIES: weakref.WeakKeyDictionary[Any, _TokenizerEntry] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -225,8 +241,13 @@ def compile_matcher(spec: OutputSpec, tokenizer: Any) -> Any:
             return pristine.deep_copy()
     pristine = llg.LLMatcher(entry.ll, spec.grammar, log_level=0)
     if pristine.is_error():
-        what = {"schema": "JSON Schema", "json": "JSON Schema", "regex": "regular expression",
-                "choices": "choices", "grammar": "grammar"}[spec.kind]
+        what = {
+            "schema": "JSON Schema",
+            "json": "JSON Schema",
+            "regex": "regular expression",
+            "choices": "choices",
+            "grammar": "grammar",
+        }[spec.kind]
         message = " ".join(pristine.get_error().split())
         raise ValueError(f"{spec.kind}: invalid {what}: {message}")
     with _LOCK:

@@ -15,7 +15,9 @@ def notebooks_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """The teaching notebooks folder: ``path``, or ``notebooks/`` beside the package (a source checkout)."""
     found = Path(path) if path is not None else Path(__file__).resolve().parent.parent / "notebooks"
     if not found.is_dir():
-        raise FileNotFoundError(f"no notebooks folder at {found}: expected a source checkout of nbllm, or pass a folder")
+        raise FileNotFoundError(
+            f"no notebooks folder at {found}: expected a source checkout of nbllm, or pass a folder"
+        )
     return found
 
 
@@ -50,7 +52,9 @@ def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None)
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     start = time.perf_counter()
     error = None
     try:

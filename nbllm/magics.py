@@ -18,17 +18,22 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Int, Unicode
 
+from .engine import InUseError
+
 __all__ = ["LLMMagics", "load_ipython_extension", "unload_ipython_extension"]
 
-# Core errors that are the user's to fix: shown as one line, no traceback.
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError, RuntimeError, KeyError, IndexError)
+# What the core raises for the user's mistakes while checking a request or loading a model (before
+# anything runs): shown as one line. Anything raised while generating is a bug and keeps its traceback.
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, InUseError)
 
 
 @magics_class
 class LLMMagics(Magics):
     """``%%llm`` (prompt in the cell) and ``%llm`` (load / use / info / chat / reset)."""
 
-    model = Unicode("", help="Model loaded on first use when none is selected ('' = nbllm's embedded default).").tag(config=True)
+    model = Unicode("", help="Model loaded on first use when none is selected ('' = nbllm's embedded default).").tag(
+        config=True
+    )
     temperature = Float(0.0, help="Default temperature (0 = greedy).").tag(config=True)
     top_k = Int(0, help="Default top-k (0 = off).").tag(config=True)
     top_p = Float(1.0, help="Default top-p (1 = off).").tag(config=True)
@@ -37,7 +42,9 @@ class LLMMagics(Magics):
     seed = Int(None, allow_none=True, help="Default random seed (None = not fixed).").tag(config=True)
     system = Unicode(None, allow_none=True, help="Default system prompt.").tag(config=True)
     top_logprobs = Int(8, help="Alternatives kept per token with --probs / --step.").tag(config=True)
-    view = Enum(["auto", "widget", "text"], "auto", help="Output: live widget, plain text, or auto (widget in a kernel).").tag(config=True)
+    view = Enum(
+        ["auto", "widget", "text"], "auto", help="Output: live widget, plain text, or auto (widget in a kernel)."
+    ).tag(config=True)
     max_rate = Float(30.0, help="Most live redraws per second.").tag(config=True)
     stats = Bool(True, help="Show the stats line under each output.").tag(config=True)
 
@@ -78,7 +85,9 @@ class LLMMagics(Magics):
             self.current = args.target
         elif action == "info":
             if self.current is None:
-                print("no model selected: %%llm loads " + (self.model or "the embedded default model") + " on first use")
+                print(
+                    "no model selected: %%llm loads " + (self.model or "the embedded default model") + " on first use"
+                )
                 return None
             return self.models[self.current]
         elif action == "list":
@@ -90,7 +99,7 @@ class LLMMagics(Magics):
             self.current = None if self.current == args.target else self.current
         elif action == "reset":
             if self.chat is not None:
-                self.chat.reset()
+                _user_errors(self.chat.reset)
             print("conversation reset")
         elif action == "chat":
             from .widgets import ChatWidget
@@ -152,16 +161,25 @@ class LLMMagics(Magics):
 
     # -- routes ---------------------------------------------------------------
     def _run(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
-        from .generate import stream
+        from .generate import TokenStream
+        from .request import make_request
 
         view = self._view(args.probs)
-        extra = {"progress": view.progress} if view is not None else {}
-        ts = _user_errors(lambda: stream(
-            lm, prompt, max_tokens=self._pick(args.max_tokens, self.max_tokens),
-            top_logprobs=self.top_logprobs if args.probs else 0, stop=args.stop,
-            system=self._pick(args.system, self.system), raw=args.raw, images=args.image, **extra, **options,
-        ))
-        self._show(ts, view, args)
+        request = _user_errors(
+            lambda: make_request(
+                lm,
+                prompt,
+                max_tokens=self._pick(args.max_tokens, self.max_tokens),
+                top_logprobs=self.top_logprobs if args.probs else 0,
+                stop=args.stop,
+                system=self._pick(args.system, self.system),
+                raw=args.raw,
+                images=args.image,
+                progress=view.progress,
+                **options,
+            )
+        )
+        self._show(TokenStream(lm, request), view, args)
 
     def _run_chat(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
         if args.raw:
@@ -174,33 +192,42 @@ class LLMMagics(Magics):
             send["stop"] = args.stop
         if args.image:
             send["images"] = args.image
-        ts = _user_errors(lambda: chat.send(prompt, **send, **options))
-        self._show(ts, self._view(args.probs), args)
+        reply = _user_errors(lambda: chat.send(prompt, **send, **options))
+        self._show(reply, self._view(args.probs), args)
 
     def _step(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
+        from .request import make_request
         from .stepper import Stepper
         from .widgets import StepperWidget
 
-        stepper = _user_errors(lambda: Stepper(
-            lm, prompt, top_logprobs=max(self.top_logprobs, 1), system=self._pick(args.system, self.system),
-            raw=args.raw, images=args.image, **options,
-        ))
+        request = _user_errors(
+            lambda: make_request(
+                lm,
+                prompt,
+                top_logprobs=max(self.top_logprobs, 1),
+                system=self._pick(args.system, self.system),
+                raw=args.raw,
+                images=args.image,
+                **options,
+            )
+        )
+        stepper = Stepper(lm, request)
         if args.output:
             self._ns[args.output] = stepper
         self._display(StepperWidget(stepper))
 
-    def _show(self, ts: Any, view: Any, args: Any) -> None:
-        from .tokens import Completion
+    def _show(self, stream: Any, view: Any, args: Any) -> None:
+        from .structured import StructuredOutputError
 
-        tokens: list[Any] = view.tokens if view is not None else []
-        handle = self._display(view, display_id=True) if view is not None else None
+        handle = self._display(view, display_id=True) if self._widgets() else None
         error = None
         try:
-            completion = view.consume(ts) if view is not None else self._print(ts, tokens, args.probs)
+            completion = view.consume(stream)
         except KeyboardInterrupt:
-            completion = _partial(tokens, ts)
-        except _USER_ERRORS as err:  # e.g. structured output cut short by max_tokens
-            completion, error = Completion.from_tokens(tokens, ts.stats), err
+            completion = stream.partial()
+            print(f"\ninterrupted after {len(completion.tokens)} tokens", file=sys.stderr)
+        except StructuredOutputError as err:  # e.g. structured output cut short by max_tokens
+            completion, error = stream.partial(), err
         finally:
             if handle is not None:
                 handle.update(view)  # refresh the HTML fallback kept in the saved notebook
@@ -209,33 +236,6 @@ class LLMMagics(Magics):
             self._ns[args.output] = completion
         if error is not None:
             raise UsageError(_one_line(error))
-
-    def _print(self, ts: Any, tokens: list[Any], probs: bool) -> Any:
-        from . import render
-        from .tokens import Completion
-
-        from .widgets._live import Throttle
-
-        throttle = Throttle(self.max_rate)
-        for token in ts:
-            tokens.append(token)
-            sys.stdout.write(token.text)
-            if throttle.due():  # terminals buffer by line: show tokens as they come
-                throttle.begin()
-                sys.stdout.flush()
-                throttle.end()
-        sys.stdout.write("\n")
-        completion = Completion.from_tokens(tokens, ts.stats)
-        if self.stats:
-            sys.stdout.write(f"[{render.stats_line(ts.stats, completion.finish_reason)}]\n")
-        sys.stdout.flush()
-        if probs:
-            from IPython.display import display
-
-            display(_TokenTable(tokens))
-        if getattr(ts, "constraint", None) is not None:
-            completion.value = ts.constraint.finish(completion)
-        return completion
 
     # -- helpers ---------------------------------------------------------------
     def _options(self, args: Any) -> dict[str, Any]:
@@ -248,10 +248,14 @@ class LLMMagics(Magics):
         }
         given = [f for f in ("schema", "json", "regex", "choices") if getattr(args, f)]
         if len(given) > 1:
-            raise UsageError(f"expected at most one of --schema/--json/--regex/--choices, got {', '.join('--' + g for g in given)}")
+            raise UsageError(
+                f"expected at most one of --schema/--json/--regex/--choices, got {', '.join('--' + g for g in given)}"
+            )
         if args.schema:
             if args.schema not in self._ns:
-                raise UsageError(f"--schema: expected the name of a variable holding a Pydantic class or JSON Schema, no variable {args.schema!r}")
+                raise UsageError(
+                    f"--schema: expected the name of a variable holding a Pydantic class or JSON Schema, no variable {args.schema!r}"
+                )
             options["schema"] = self._ns[args.schema]
         elif args.json:
             options["json"] = True
@@ -279,7 +283,7 @@ class LLMMagics(Magics):
         return self.models[self.current]
 
     def _load(self, target: str | None, alias: str | None) -> Any:
-        from .model import load
+        from .loading import load
 
         label = target or "the embedded default model"
         status = self._status(f"loading {label}…")
@@ -298,7 +302,9 @@ class LLMMagics(Magics):
         from .chat import Chat
 
         if self.chat is not None and self.chat.lm is not lm:
-            raise UsageError(f"--chat: the conversation uses {self.chat.lm.name}; run %llm reset to start one with {lm.name}")
+            raise UsageError(
+                f"--chat: the conversation uses {self.chat.lm.name}; run %llm reset to start one with {lm.name}"
+            )
         if self.chat is None:
             self.chat = Chat(lm, system=system)
         elif system is not None and system != self.chat.system:
@@ -312,7 +318,9 @@ class LLMMagics(Magics):
 
     def _view(self, probs: bool) -> Any:
         if not self._widgets():
-            return None
+            from .widgets import TextView
+
+            return TextView(probs=probs, stats=self.stats, max_rate=self.max_rate)
         from .widgets import StreamView
 
         return StreamView(colored=probs, max_rate=self.max_rate)
@@ -338,31 +346,6 @@ class LLMMagics(Magics):
         return str(self.llm_cell.parser.format_help())
 
 
-class _TokenTable:
-    """Tokens with probabilities: HTML where a frontend renders it, text elsewhere."""
-
-    def __init__(self, tokens: list[Any]):
-        self.tokens = tokens
-
-    def _repr_html_(self) -> str:
-        from . import render
-
-        return render.tokens_html(self.tokens, colored=True, tooltips="title")
-
-    def __repr__(self) -> str:
-        return "\n".join(f"{t.index:4d} {t.prob:7.2%} {t.piece!r}" + (" forced" if t.forced else "") for t in self.tokens)
-
-
-def _partial(tokens: list[Any], ts: Any) -> Any:
-    from .tokens import Completion
-
-    close = getattr(ts, "close", None)
-    if close is not None:
-        close()
-    print(f"\ninterrupted after {len(tokens)} tokens", file=sys.stderr)
-    return Completion.from_tokens(tokens, ts.stats)
-
-
 def _parse(magic: Any, line: str) -> Any:
     """Parse flags with shell quoting (quotes removed, unlike IPython's own splitter)."""
     try:
@@ -373,7 +356,7 @@ def _parse(magic: Any, line: str) -> Any:
 
 
 def _user_errors(call: Any) -> Any:
-    """Run ``call``; core errors become a one-line ``UsageError``."""
+    """Run ``call`` (a check or a load); the user's mistakes become a one-line ``UsageError``."""
     try:
         return call()
     except UsageError:

@@ -1,6 +1,6 @@
-"""Pure render functions: token records and distributions to HTML or a matplotlib ``Figure``.
+"""Pure render functions: token records and distributions to HTML, text or a matplotlib ``Figure``.
 
-Nothing here displays anything or calls a model. Widgets, magics and the
+Nothing here displays anything, computes a distribution or calls a model. Widgets, magics and the
 ``_repr_html_`` fallbacks all draw through these functions, so a notebook
 viewed without a widget frontend (nbconvert, GitHub) shows the same picture.
 """
@@ -8,13 +8,13 @@ viewed without a widget frontend (nbconvert, GitHub) shows the same picture.
 from __future__ import annotations
 
 import html
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .tokens import Stats, Token
+from .distribution import Shaped
+from .tokens import Token
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,12 +24,12 @@ __all__ = [
     "prob_color",
     "token_span",
     "tokens_html",
-    "Shaped",
-    "shape_distribution",
+    "tokens_table",
+    "alternatives_text",
     "distribution_html",
     "distribution_figure",
     "messages_html",
-    "stats_line",
+    "prompt_html",
 ]
 
 # Scoped to .nbllm so it cannot restyle the rest of the page. The popup is
@@ -134,129 +134,25 @@ def tokens_html(
     return (STYLE if style else "") + f"<div class='nbllm nbllm-stream'>{body}</div>{foot}"
 
 
-def stats_line(stats: Stats | None, finish_reason: str | None = None) -> str:
-    """A one-line summary of a generation's figures (plain text)."""
-    parts = [stats.summary()] if stats is not None and stats.generated_tokens else []
-    if finish_reason:
-        parts.append(f"finish: {finish_reason}")
-    return " · ".join(parts)
+def tokens_table(tokens: Iterable[Token], k: int = 3) -> str:
+    """Plain-text table: index, probability, the token, its top ``k`` alternatives (for terminals)."""
+    lines = []
+    for t in tokens:
+        alts = "  ".join(f"{a.piece!r} {a.prob:.2f}" for a in t.top[:k] if a.id != t.id)
+        flags = (" forced" if t.forced else "") + (" <eos>" if t.special else "")
+        lines.append(f"{t.index:>4} {t.prob:7.2%} {t.piece!r:<16} {alts}{flags}")
+    return "\n".join(lines)
 
 
-# -- distributions ----------------------------------------------------------
-@dataclass(frozen=True)
-class Shaped:
-    """A next-token distribution before and after the sampler's filters.
-
-    Attributes:
-        ids: The ``k`` most likely token ids under the model, most likely first.
-        labels: Their texts.
-        model_probs: Their probabilities under the model.
-        sampled_probs: Their probabilities under the filtered, tempered distribution.
-        cut_by: Per row, the filter that removed the token (``"top-p"``,
-            ``"min-p"``, ``"top-k"``, ``"greedy"``) or ``""`` when it survives.
-        rest_model: Model probability of all tokens outside ``ids``.
-        rest_sampled: Sampled probability of all tokens outside ``ids``.
-        survivors: How many tokens of the whole vocabulary can still be sampled.
-        vocab_size: Size of the vocabulary.
-    """
-
-    ids: tuple[int, ...]
-    labels: tuple[str, ...]
-    model_probs: tuple[float, ...]
-    sampled_probs: tuple[float, ...]
-    cut_by: tuple[str, ...]
-    rest_model: float
-    rest_sampled: float
-    survivors: int
-    vocab_size: int
-
-
-def shape_distribution(
-    logprobs: Any,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    k: int = 10,
-    label: Callable[[int], str] = str,
-) -> Shaped:
-    """Apply the sampler's filters to a stored distribution, with numpy.
-
-    Mirrors ``nbllm.sampling.sampled_logprobs`` (mlx-lm's order: top-p, then
-    min-p, then top-k, then temperature; temperature 0 is greedy) and records
-    which filter removed each of the top ``k`` tokens.
-
-    Args:
-        logprobs: Model log-probabilities, shape ``(vocab,)`` (numpy or mlx).
-        temperature: Sampling temperature (0 = greedy).
-        top_k: Keep the ``top_k`` most likely tokens (0 = off).
-        top_p: Keep the smallest set holding this much probability (1 = off).
-        min_p: Keep tokens with at least ``min_p`` times the top probability (0 = off).
-        k: Rows to report.
-        label: Token id to display text.
-
-    Returns:
-        A ``Shaped`` record.
-    """
-    lp = np.asarray(logprobs, dtype=np.float32).reshape(-1)
-    n = lp.shape[0]
-    k = max(1, min(int(k), n))
-    keep = np.isfinite(lp)
-    cut = np.full(n, "", dtype=object)
-    if temperature == 0:
-        hot = np.zeros(n, dtype=bool)
-        hot[int(np.argmax(lp))] = True
-        cut[keep & ~hot] = "greedy"
-        keep = hot
-    else:
-        if 0.0 < top_p < 1.0:
-            keep = _cut(keep, lp >= _top_p_threshold(np.where(keep, lp, -np.inf), top_p), cut, "top-p")
-        if min_p > 0.0:
-            kept = np.where(keep, lp, -np.inf)
-            keep = _cut(keep, kept >= kept.max() + math.log(min_p), cut, "min-p")
-        if 0 < top_k < n:
-            kept = np.where(keep, lp, -np.inf)
-            top = np.zeros(n, dtype=bool)
-            top[np.argpartition(-kept, top_k - 1)[:top_k]] = True
-            keep = _cut(keep, top, cut, "top-k")
-    sampled = np.zeros(n, dtype=np.float64)
-    if keep.any():
-        x = lp[keep].astype(np.float64) / (temperature or 1.0)
-        x = np.exp(x - x.max())
-        sampled[keep] = x / x.sum()
-    probs = np.exp(lp.astype(np.float64))
-    top_ids = np.argpartition(-lp, k - 1)[:k]
-    top_ids = top_ids[np.argsort(-lp[top_ids], kind="stable")]
-    return Shaped(
-        ids=tuple(int(i) for i in top_ids),
-        labels=tuple(label(int(i)) for i in top_ids),
-        model_probs=tuple(float(probs[i]) for i in top_ids),
-        sampled_probs=tuple(float(sampled[i]) for i in top_ids),
-        cut_by=tuple(str(cut[i]) for i in top_ids),
-        rest_model=max(0.0, float(probs.sum() - probs[top_ids].sum())),
-        rest_sampled=max(0.0, float(sampled.sum() - sampled[top_ids].sum())),
-        survivors=int(keep.sum()),
-        vocab_size=n,
+def prompt_html(kind: str, text: str) -> str:
+    """How a prompt reached the model: a one-line label, the rendered text behind a click."""
+    return (
+        f"<details class='nbllm-prompt'><summary class='nbllm-foot'>prompt: {html.escape(kind)}</summary>"
+        f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{html.escape(text)}</pre></details>"
     )
 
 
-def _cut(keep: np.ndarray, passes: np.ndarray, cut: np.ndarray, name: str) -> np.ndarray:
-    removed = keep & ~passes
-    cut[removed] = name
-    return keep & passes
-
-
-def _top_p_threshold(lp: np.ndarray, top_p: float) -> float:
-    # Same rule as mlx_lm.sample_utils.apply_top_p: drop the tail whose
-    # complement already holds top_p of the mass; ties with the cut stay.
-    asc = np.sort(lp)
-    probs = np.exp(asc.astype(np.float64))
-    above = np.cumsum(probs[::-1])[::-1] - probs  # mass strictly above each position
-    dropped = int((above >= top_p * probs.sum()).sum())
-    return float(asc[min(dropped, len(asc) - 1)])
-
-
+# -- distributions ----------------------------------------------------------
 def distribution_html(shaped: Shaped, *, chosen: int | None = None, style: bool = True) -> str:
     """A bar chart table: model probability (grey) and sampled probability (blue).
 
@@ -274,9 +170,7 @@ def distribution_html(shaped: Shaped, *, chosen: int | None = None, style: bool 
         rows.append(_dist_row(_piece(lab) + (" ◂" if i == chosen else ""), pm, ps, cut, peak, cut != ""))
     rest_n = shaped.vocab_size - len(shaped.ids)
     rows.append(_dist_row(f"rest ({rest_n} tokens)", shaped.rest_model, shaped.rest_sampled, "", peak, False, "rest"))
-    head = (
-        "<tr><td><b>token</b></td><td><b>model</b></td><td><b>sampled</b></td><td></td></tr>"
-    )
+    head = "<tr><td><b>token</b></td><td><b>model</b></td><td><b>sampled</b></td><td></td></tr>"
     caption = f"{shaped.survivors} of {shaped.vocab_size} tokens can be sampled"
     table = f"<table class='nbllm-dist'><caption style='text-align:left;color:#666'>{caption}</caption>{head}{''.join(rows)}</table>"
     return (STYLE if style else "") + table
@@ -295,7 +189,7 @@ def _dist_row(label: str, pm: float, ps: float, cut: str, peak: float, is_cut: b
     )
 
 
-def distribution_figure(shaped: Shaped, *, title: str | None = None) -> "Figure":
+def distribution_figure(shaped: Shaped, *, title: str | None = None) -> Figure:
     """The same chart as a matplotlib ``Figure`` (no pyplot global state).
 
     Args:
@@ -342,7 +236,12 @@ def messages_html(messages: Sequence[dict[str, Any]], *, pending: str | None = N
         out.append(f"<div class='nbllm-msg {html.escape(role)}'>{html.escape(_content_text(m.get('content')))}</div>")
     if pending is not None:
         out.append(f"<div class='nbllm-msg assistant pending'>{html.escape(pending)}▍</div>")
-    return (STYLE if style else "") + "<div class='nbllm-chat' style='display:flex;flex-direction:column'>" + "".join(out) + "</div>"
+    return (
+        (STYLE if style else "")
+        + "<div class='nbllm-chat' style='display:flex;flex-direction:column'>"
+        + "".join(out)
+        + "</div>"
+    )
 
 
 def _content_text(content: Any) -> str:
@@ -352,7 +251,9 @@ def _content_text(content: Any) -> str:
         parts = []
         for part in content:
             if isinstance(part, dict):
-                parts.append(str(part.get("text", "")) if part.get("type", "text") == "text" else f"[{part.get('type')}]")
+                parts.append(
+                    str(part.get("text", "")) if part.get("type", "text") == "text" else f"[{part.get('type')}]"
+                )
             else:
                 parts.append(str(part))
         return "".join(parts)

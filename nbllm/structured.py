@@ -13,7 +13,8 @@ The mask is applied with plain ``mx.where``, so it runs on CPU and Metal alike
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 
@@ -22,7 +23,6 @@ from .grammar import OutputSpec, compile_matcher, ll_tokenizer, output_spec
 if TYPE_CHECKING:
     import numpy as np
 
-    from .model import LM
     from .tokens import Completion
 
 __all__ = ["Constraint", "StructuredOutputError", "make_constraint"]
@@ -43,20 +43,20 @@ class StructuredOutputError(ValueError):
 
 
 def make_constraint(
-    lm: "LM",
+    lm: Any,
     *,
     schema: Any = None,
     json: bool | None = None,
     regex: str | None = None,
     choices: Sequence[str] | None = None,
     grammar: str | None = None,
-) -> "Constraint":
+) -> Constraint:
     """Compile a structured-output request for ``lm``'s tokenizer.
 
     Give exactly one of:
 
     Args:
-        lm: The model whose tokenizer and vocabulary the mask is built for.
+        lm: The model (anything with mlx-lm's ``tokenizer``) the mask is built for.
         schema: A Pydantic model class (value: an instance), a JSON Schema dict
             or JSON string (value: the parsed object), or any type Pydantic can
             describe such as ``list[int]``.
@@ -117,6 +117,19 @@ class Constraint:
         self._consumed = 0
         self._steps.clear()
 
+    def fresh(self) -> Constraint:
+        """A new constraint for the same spec, at the start of the output (one per generation)."""
+        return Constraint(self.spec, self._matcher.deep_copy(), self._grammar_vocab, self._eos)._reset()
+
+    def _reset(self) -> Constraint:
+        self.reset()
+        return self
+
+    @property
+    def consumed(self) -> int:
+        """Generated tokens the grammar has taken so far."""
+        return self._consumed
+
     def was_forced(self, n: int) -> bool:
         """Whether step ``n`` (0-based) allowed exactly one token."""
         return 0 <= n < len(self._steps) and self._steps[n].allowed == 1
@@ -151,14 +164,14 @@ class Constraint:
             raise RuntimeError(f"rollback: llguidance could not roll back {n} tokens: {self._matcher.get_error()}")
         self._consumed -= n
 
-    def copy(self) -> "Constraint":
+    def copy(self) -> Constraint:
         """An independent copy in the same state (for ``Stepper.branch``)."""
         twin = Constraint(self.spec, self._matcher.deep_copy(), self._grammar_vocab, self._eos)
         twin._base, twin._consumed = self._base, self._consumed
         twin._steps = [_Step(st.allowed, st.removed()) for st in self._steps]
         return twin
 
-    def finish(self, completion: "Completion") -> Any:
+    def finish(self, completion: Completion) -> Any:
         """Check that the generated tokens complete the constraint and parse the text.
 
         Raises:
@@ -174,11 +187,15 @@ class Constraint:
             raise StructuredOutputError(
                 f"output for {self.spec.label} is incomplete after {len(ids)} tokens "
                 f"(finish_reason {reason!r}){hint}; partial text: {_clip(completion.text)!r}",
-                completion.text, reason)
+                completion.text,
+                reason,
+            )
         try:
             return self.spec.parse(completion.text)
         except ValueError as e:
-            raise StructuredOutputError(f"output for {self.spec.label} does not parse: {e}", completion.text, reason) from None
+            raise StructuredOutputError(
+                f"output for {self.spec.label} does not parse: {e}", completion.text, reason
+            ) from None
 
     @property
     def is_complete(self) -> bool:
@@ -203,7 +220,7 @@ class Constraint:
                 self._consume(int(token))
         bits, allowed = self._mask(logits.shape[-1])
         del self._steps[self._consumed :]
-        for old in self._steps[-_KEEP_LOGITS:-_KEEP_LOGITS + 1]:
+        for old in self._steps[-_KEEP_LOGITS : -_KEEP_LOGITS + 1]:
             old.release()
         self._steps.append(_Step(allowed, logits=logits, bits=bits))
         # mx.where, not a Metal kernel: the same code runs on CPU and GPU.
@@ -211,8 +228,9 @@ class Constraint:
 
     def _consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ValueError(f"constraint: token {token} is not allowed here by {self.spec.label} "
-                             f"({self._matcher.get_error()})")
+            raise ValueError(
+                f"constraint: token {token} is not allowed here by {self.spec.label} ({self._matcher.get_error()})"
+            )
         self._consumed += 1
 
     def _mask(self, size: int) -> tuple[np.ndarray, int]:
@@ -236,10 +254,11 @@ _KEEP_LOGITS = 4  # steps whose logits stay referenced for masked_prob (stream()
 class _Step:
     """What the mask did at one position: how many tokens it allowed, how much probability it removed."""
 
-    __slots__ = ("allowed", "_removed", "_logits", "_bits")
+    __slots__ = ("_bits", "_logits", "_removed", "allowed")
 
-    def __init__(self, allowed: int, removed: float | None = None, logits: mx.array | None = None,
-                 bits: np.ndarray | None = None):
+    def __init__(
+        self, allowed: int, removed: float | None = None, logits: mx.array | None = None, bits: np.ndarray | None = None
+    ):
         self.allowed = allowed
         self._removed, self._logits, self._bits = removed, logits, bits
 

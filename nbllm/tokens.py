@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-__all__ = ["Alternative", "Token", "Stats", "TurnStats", "Completion", "FINISH_REASONS"]
-
-FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
+__all__ = ["Alternative", "Token", "Stats", "TurnStats", "Completion"]
 
 
 @dataclass(frozen=True)
@@ -97,32 +96,51 @@ class Stats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
 
-    def summary(self) -> str:
-        """One line, e.g. for a notebook footer."""
-        reused = f", {self.cached_tokens} cached" if self.cached_tokens else ""
-        return (
-            f"{self.prompt_tokens} prompt tokens{reused} · first token {self.time_to_first_token * 1000:.0f} ms · "
-            f"{self.prompt_tps:.1f} prompt tok/s · {self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s"
-        )
+    def summary(self, finish_reason: str | None = None) -> str:
+        """One line for a footer, e.g. ``12 prompt tokens · first token 40 ms · ... · finish: stop``.
+
+        The one formatter of these figures: views, magics and the CLI all use it.
+        """
+        parts = []
+        if self.generated_tokens or self.prompt_tokens:
+            reused = f", {self.cached_tokens} cached" if self.cached_tokens else ""
+            parts.append(f"{self.prompt_tokens} prompt tokens{reused}")
+            parts.append(f"first token {self.time_to_first_token * 1000:.0f} ms")
+            parts.append(f"{self.prompt_tps:.1f} prompt tok/s")
+            parts.append(f"{self.generated_tokens} tokens at {self.generation_tps:.1f} tok/s")
+        parts += self._extra()
+        if finish_reason:
+            parts.append(f"finish: {finish_reason}")
+        return " · ".join(parts)
+
+    def _extra(self) -> list[str]:
+        return []
 
 
 @dataclass
 class TurnStats(Stats):
-    """``Stats`` of one reply plus how much of the earlier conversation was reused.
+    """``Stats`` of one chat reply plus how much of the earlier conversation was reused.
 
     Attributes:
         context_tokens: Tokens the cache held before the turn.
         reuse_rate: ``cached_tokens / context_tokens`` (``None`` on a first turn).
         finish_reason: How the reply ended.
+        dropped_messages: Oldest messages left out of this turn's prompt because
+            the history outgrew the model's context (or ``max_kv_size``).
     """
 
     context_tokens: int = 0
     reuse_rate: float | None = None
     finish_reason: str | None = None
+    dropped_messages: int = 0
 
-    def summary(self) -> str:
-        rate = "" if self.reuse_rate is None else f" · reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens"
-        return super().summary() + rate
+    def _extra(self) -> list[str]:
+        out = (
+            [] if self.reuse_rate is None else [f"reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens"]
+        )
+        if self.dropped_messages:
+            out.append(f"{self.dropped_messages} oldest messages dropped to fit the context")
+        return out
 
 
 @dataclass
@@ -134,21 +152,25 @@ class Completion:
         tokens: The token records as streamed (a final EOS record included).
         stats: Timing figures.
         value: The parsed value when a structured-output constraint was given.
+        ended: How the stream ended when no token says so (e.g. cancelled during prefill).
     """
 
     text: str
     tokens: list[Token]
     stats: Stats = field(default_factory=Stats)
     value: Any = None
+    ended: str | None = None
 
     @property
     def finish_reason(self) -> str | None:
-        return self.tokens[-1].finish_reason if self.tokens else None
+        """How generation ended: the last token's reason (or ``cancelled`` before any token)."""
+        last = self.tokens[-1].finish_reason if self.tokens else None
+        return last or self.ended
 
     @classmethod
-    def from_tokens(cls, tokens: Iterable[Token], stats: Stats) -> "Completion":
+    def from_tokens(cls, tokens: Iterable[Token], stats: Stats, ended: str | None = None) -> Completion:
         toks = list(tokens)
-        return cls(text="".join(t.text for t in toks), tokens=toks, stats=stats)
+        return cls(text="".join(t.text for t in toks), tokens=toks, stats=stats, ended=ended)
 
     def __str__(self) -> str:
         return self.text
@@ -156,6 +178,5 @@ class Completion:
     def _repr_html_(self) -> str:
         return (
             f"<div style='white-space:pre-wrap'>{html.escape(self.text)}</div>"
-            f"<div style='color:#888;font-size:smaller'>{html.escape(self.stats.summary())} · "
-            f"finish: {self.finish_reason}</div>"
+            f"<div style='color:#888;font-size:smaller'>{html.escape(self.stats.summary(self.finish_reason))}</div>"
         )

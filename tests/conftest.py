@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import nbllm  # noqa: E402  (loads the fast BLAS before mlx)
-from nbllm.fixtures import make_model  # noqa: E402
+import nbllm
+from nbllm.testing import make_model
 
 ARCHS = ["llama", "qwen3", "gemma3"]
 

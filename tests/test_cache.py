@@ -13,7 +13,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 import nbllm
 from nbllm import PromptCache, Stepper
-from nbllm.fixtures import make_model
+from nbllm.testing import make_model
 
 PROMPT = "What is the capital of France? Paris. And the capital of Italy?"
 
@@ -46,8 +46,8 @@ def test_reuses_the_longest_prefix_and_matches_a_cold_run(any_lm: nbllm.LM) -> N
     first = twin.generate(PROMPT, max_tokens=12, prompt_cache=pc)
     assert first.stats.cached_tokens == 0
     held = pc.ids
-    assert held == twin.encode(PROMPT) + ids_of(first)  # prompt + reply, EOS included if any
-    follow = held + twin.encode(" Rome.", raw=True)
+    assert held == list(twin.encode(PROMPT).ids) + ids_of(first)  # prompt + reply, EOS included if any
+    follow = held + list(twin.encode(" Rome.", raw=True).ids)
     counting.calls.clear()
     warm = twin.generate(follow, max_tokens=12, prompt_cache=pc)
     assert warm.stats.cached_tokens == len(held)
@@ -64,14 +64,14 @@ def test_a_fully_cached_prompt_feeds_its_last_token_again(lm: nbllm.LM) -> None:
     cold = lm.generate(PROMPT, max_tokens=10)
     lm.generate(PROMPT, max_tokens=10, prompt_cache=pc)
     again = lm.generate(PROMPT, max_tokens=10, prompt_cache=pc)
-    assert again.stats.cached_tokens == len(lm.encode(PROMPT)) - 1
+    assert again.stats.cached_tokens == len(list(lm.encode(PROMPT).ids)) - 1
     assert ids_of(again) == ids_of(cold)
 
 
 def test_a_diverging_prompt_trims_to_the_common_prefix(any_lm: nbllm.LM) -> None:
     pc = PromptCache(any_lm)
-    a = any_lm.encode(PROMPT, raw=True)
-    b = a[:8] + any_lm.encode(" something else entirely", raw=True)
+    a = list(any_lm.encode(PROMPT, raw=True).ids)
+    b = a[:8] + list(any_lm.encode(" something else entirely", raw=True).ids)
     any_lm.generate(a, max_tokens=6, prompt_cache=pc)
     got = any_lm.generate(b, max_tokens=12, prompt_cache=pc)
     assert got.stats.cached_tokens == 8
@@ -81,17 +81,17 @@ def test_a_diverging_prompt_trims_to_the_common_prefix(any_lm: nbllm.LM) -> None
 def test_sliding_window_layers_past_their_window_are_rebuilt(tmp_path: Path) -> None:
     lm = nbllm.load(make_model(tmp_path / "g", "gemma3", overrides={"sliding_window": 16}))
     pc = PromptCache(lm)
-    long = lm.encode(" ".join(["the model cache prompt"] * 8), raw=True)
+    long = list(lm.encode(" ".join(["the model cache prompt"] * 8), raw=True).ids)
     lm.generate(long, max_tokens=4, prompt_cache=pc)
     # Extending what is cached needs no trimming, even past the window.
     held = pc.ids
     assert len(held) > 16
-    ext = held + lm.encode(" more", raw=True)
+    ext = held + list(lm.encode(" more", raw=True).ids)
     got = lm.generate(ext, max_tokens=8, prompt_cache=pc)
     assert got.stats.cached_tokens == len(held)
     assert ids_of(got) == ids_of(lm.generate(ext, max_tokens=8))
     # Going back inside the window is impossible for a rotating layer: rebuild.
-    back = long[:20] + lm.encode(" cat", raw=True)
+    back = long[:20] + list(lm.encode(" cat", raw=True).ids)
     got = lm.generate(back, max_tokens=8, prompt_cache=pc)
     assert got.stats.cached_tokens == 0 and pc.stats.rebuilds == 1
     assert ids_of(got) == ids_of(lm.generate(back, max_tokens=8))
@@ -99,14 +99,14 @@ def test_sliding_window_layers_past_their_window_are_rebuilt(tmp_path: Path) -> 
 
 def test_layers_past_their_window_roll_back_to_the_snapshot(lm: nbllm.LM) -> None:
     pc = PromptCache(lm, max_kv_size=32)
-    first = lm.encode(" ".join(["the model cache prompt"] * 6), raw=True)
+    first = list(lm.encode(" ".join(["the model cache prompt"] * 6), raw=True).ids)
     lm.generate(first, max_tokens=6, prompt_cache=pc)
     held = pc.ids
-    second = held + lm.encode(" and then", raw=True)
+    second = held + list(lm.encode(" and then", raw=True).ids)
     lm.generate(second, max_tokens=6, prompt_cache=pc)  # the snapshot holds `held`
     assert len(pc.ids) > 32 and pc.stats.rebuilds == 0
     # Diverging in the last token (e.g. another end-of-turn token) cannot be trimmed past the window.
-    third = pc.ids[:-1] + lm.encode(" cat sings", raw=True)
+    third = pc.ids[:-1] + list(lm.encode(" cat sings", raw=True).ids)
     got = lm.generate(third, max_tokens=8, prompt_cache=pc)
     s = pc.stats
     assert (s.restores, s.rebuilds) == (1, 0) and got.stats.cached_tokens == len(held)
@@ -120,10 +120,10 @@ def test_max_kv_size_bounds_memory(any_lm: nbllm.LM) -> None:
     pc = PromptCache(any_lm, max_kv_size=64)
     assert all(isinstance(c, RotatingKVCache) for c in pc._new_layers())
     sizes = []
-    ids = any_lm.encode("Hello")
+    ids = list(any_lm.encode("Hello").ids)
     for turn in range(8):
         got = any_lm.generate(ids, max_tokens=16, prompt_cache=pc)
-        ids = pc.ids + any_lm.encode(f" turn {turn} with a few more words", raw=True)
+        ids = pc.ids + list(any_lm.encode(f" turn {turn} with a few more words", raw=True).ids)
         sizes.append(pc.stats.bytes_held)
     assert len(pc.ids) > 150 and got.stats.cached_tokens > 0
     assert max(sizes[3:]) == max(sizes[:4])  # stopped growing once the window was full
@@ -154,7 +154,7 @@ def test_save_load_roundtrip(any_lm: nbllm.LM, tmp_path: Path) -> None:
     assert json.loads(meta["0.token_ids"]) == pc.ids and meta["0.nbllm_version"] == nbllm.__version__
     loaded = PromptCache.load(any_lm, path)
     assert loaded.ids == pc.ids and loaded.stats.bytes_held == pc.stats.bytes_held
-    follow = pc.ids + any_lm.encode(" Rome", raw=True)
+    follow = pc.ids + list(any_lm.encode(" Rome", raw=True).ids)
     a = any_lm.generate(follow, max_tokens=10, prompt_cache=loaded)
     assert a.stats.cached_tokens == len(pc.ids)
     assert ids_of(a) == ids_of(any_lm.generate(follow, max_tokens=10, prompt_cache=pc))
@@ -223,15 +223,14 @@ def test_bad_input_is_refused_and_changes_nothing(lm: nbllm.LM, tmp_path: Path) 
             PromptCache(lm, **kwargs)
 
 
-def test_one_stream_at_a_time(lm: nbllm.LM) -> None:
+def test_a_new_request_on_the_same_thread_closes_an_unfinished_stream(lm: nbllm.LM) -> None:
     pc = PromptCache(lm)
     first = lm.stream(PROMPT, max_tokens=20, prompt_cache=pc)
-    next(first)
-    second = lm.stream("Hello", max_tokens=5, prompt_cache=pc)
-    with pytest.raises(RuntimeError, match="in use by a stream"):
-        next(second)
-    first.close()
-    assert list(lm.stream("Hello", max_tokens=5, prompt_cache=pc))[-1].finish_reason is not None
+    head = next(first)
+    second = list(lm.stream("Hello", max_tokens=5, prompt_cache=pc))
+    assert second[-1].finish_reason is not None and not pc.busy
+    assert list(first) == [] and first.finish_reason == "cancelled" and first.tokens == [head]
+    assert [t.id for t in second] == [t.id for t in lm.stream("Hello", max_tokens=5)]
 
 
 def test_an_interrupt_inside_a_step_leaves_the_cache_consistent(any_lm: nbllm.LM) -> None:
@@ -248,10 +247,10 @@ def test_an_interrupt_inside_a_step_leaves_the_cache_consistent(any_lm: nbllm.LM
     with pytest.raises(KeyboardInterrupt):
         for t in any_lm.stream(PROMPT, max_tokens=20, prompt_cache=pc, logits_processors=[interrupt]):
             seen.append(t.id)
-    prompt = any_lm.encode(PROMPT)
+    prompt = list(any_lm.encode(PROMPT).ids)
     assert len(seen) == 2 and pc.ids == prompt + seen  # the 3rd token's KV was trimmed away
     assert {c.offset for c in pc.layers} == {len(pc.ids)}  # type: ignore[union-attr]
-    follow = pc.ids + any_lm.encode(" next", raw=True)
+    follow = pc.ids + list(any_lm.encode(" next", raw=True).ids)
     warm = any_lm.generate(follow, max_tokens=10, prompt_cache=pc)
     assert warm.stats.cached_tokens == len(prompt) + 2
     assert ids_of(warm) == ids_of(any_lm.generate(follow, max_tokens=10))
@@ -259,7 +258,7 @@ def test_an_interrupt_inside_a_step_leaves_the_cache_consistent(any_lm: nbllm.LM
 
 def test_prefill_in_chunks_with_progress(lm: nbllm.LM, capsys: pytest.CaptureFixture[str]) -> None:
     pc = PromptCache(lm, prefill_step_size=16)
-    ids = lm.encode(" ".join(["the model cache prompt"] * 12), raw=True)
+    ids = list(lm.encode(" ".join(["the model cache prompt"] * 12), raw=True).ids)
     seen: list[tuple[int, int]] = []
     assert pc.prefill(ids, progress=lambda done, total: seen.append((done, total))) == len(ids)
     assert seen[-1] == (len(ids), len(ids)) and all(d == min(16 * (i + 1), len(ids)) for i, (d, _) in enumerate(seen))

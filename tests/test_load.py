@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.fixtures import make_model
+from nbllm.testing import make_model
 
 
 def test_info_describes_the_model(lm: nbllm.LM) -> None:
@@ -28,7 +28,7 @@ def test_info_describes_the_model(lm: nbllm.LM) -> None:
 
 def test_every_fixture_architecture_loads(any_lm: nbllm.LM) -> None:
     assert any_lm.info.architecture in {"llama", "qwen3", "gemma3_text"}
-    assert len(any_lm.encode("Hello")) > 0
+    assert len(list(any_lm.encode("Hello").ids)) > 0
 
 
 def test_half_precision_is_cast_to_fp32_on_cpu(tmp_path: Path) -> None:
@@ -129,6 +129,10 @@ def test_importing_mlx_first_warns_that_fast_blas_is_off(model_dir: Path) -> Non
     code = f"import mlx.core, nbllm; nbllm.load({str(model_dir / 'llama')!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "mlx.core was imported before nbllm, so the fast BLAS is off" in out.stderr
-    ok = subprocess.run([sys.executable, "-c", code.replace("import mlx.core, nbllm", "import nbllm, mlx.core")],
-                        capture_output=True, text=True, check=True)
+    ok = subprocess.run(
+        [sys.executable, "-c", code.replace("import mlx.core, nbllm", "import nbllm, mlx.core")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "fast BLAS is off" not in ok.stderr

@@ -40,8 +40,11 @@ def test_committed_without_outputs(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
-    dirty = [i for i, cell in enumerate(nb.cells)
-             if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    dirty = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
     assert not dirty, f"{path.name}: code cells {dirty} have outputs or execution counts; clear them before committing"
 
 
@@ -49,7 +52,9 @@ def test_committed_without_outputs(path: Path) -> None:
 def test_says_how_to_use_a_hub_model(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     first = next(cell.source for cell in nb.cells if cell.cell_type == "markdown")
-    assert 'nbllm.load("mlx-community/' in first, f"{path.name}: the first markdown cell must say how to load a hub model"
+    assert 'nbllm.load("mlx-community/' in first, (
+        f"{path.name}: the first markdown cell must say how to load a hub model"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
@@ -65,4 +70,6 @@ def test_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.Monk
         for out in cell.get("outputs", []):
             text = out.get("text", "") if out.get("output_type") == "stream" else ""
             assert "Traceback" not in text, f"{path.name}, code cell {i}: {text[-500:]}"
-            assert out.get("output_type") != "error", f"{path.name}, code cell {i}: {out.get('ename')}: {out.get('evalue')}"
+            assert out.get("output_type") != "error", (
+                f"{path.name}, code cell {i}: {out.get('ename')}: {out.get('evalue')}"
+            )

@@ -25,7 +25,7 @@ class CountingModel:
 
 
 def test_greedy_steps_match_mlx_lm(any_lm: nbllm.LM) -> None:
-    ids = any_lm.encode("Hello world")
+    ids = list(any_lm.encode("Hello world").ids)
     ref = [r.token for r in mlx_lm.stream_generate(any_lm.model, any_lm.tokenizer, ids, max_tokens=12)]
     st = any_lm.stepper(ids)
     got = []
@@ -48,7 +48,7 @@ def test_back_then_greedy_reproduces_the_tokens(any_lm: nbllm.LM) -> None:
 def test_each_step_costs_one_decode_step(lm: nbllm.LM) -> None:
     counting = CountingModel(lm.model)
     twin = nbllm.LM(counting, lm.tokenizer, lm.config, lm.name, lm.path)
-    prompt = twin.encode("A prompt that is several tokens long")
+    prompt = list(twin.encode("A prompt that is several tokens long").ids)
     st = twin.stepper(prompt)
     assert sum(counting.calls) == len(prompt)  # prefill: each prompt token once
     counting.calls.clear()
@@ -73,8 +73,12 @@ def test_choose_and_candidates(lm: nbllm.LM) -> None:
     piece_id = lm.tokenizer.encode("the", add_special_tokens=False)
     if len(piece_id) == 1:
         assert st.choose("the").id == piece_id[0]
-    with pytest.raises(ValueError, match="expected text that is one token"):
-        st.choose("hello there my friend")
+    before = len(st.tokens)
+    last = st.choose("hello there my friend")  # several tokens: taken one after another
+    pieces = lm.tokenizer.encode("hello there my friend", add_special_tokens=False)
+    assert [t.id for t in st.tokens[before:]] == pieces and last.id == pieces[-1]
+    with pytest.raises(ValueError, match="expected text of at least one token"):
+        st.choose("")
     with pytest.raises(ValueError, match="expected a token id in"):
         st.choose(10**7)
 
@@ -141,12 +145,12 @@ def test_reset(lm: nbllm.LM) -> None:
 def test_back_past_a_sliding_window_rebuilds_the_cache(tmp_path) -> None:
     from mlx_lm.models.cache import can_trim_prompt_cache
 
-    from nbllm.fixtures import make_model
+    from nbllm.testing import make_model
 
     lm = nbllm.load(make_model(tmp_path / "g", "gemma3", overrides={"sliding_window": 8}))
     st = lm.stepper("Hello there")
     first = [st.step().id for _ in range(20)]
-    assert not can_trim_prompt_cache(st._cache)  # the rotating layers are past their window
+    assert not can_trim_prompt_cache(st._run._layers)  # the rotating layers are past their window
     st.back(5)
     assert len(st.tokens) == 15
     again = [st.step().id for _ in range(5)]

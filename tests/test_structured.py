@@ -11,7 +11,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import jsonschema
 import mlx.core as mx
@@ -19,9 +19,9 @@ import pytest
 from pydantic import BaseModel, Field
 
 import nbllm
-from nbllm.fixtures import make_model
 from nbllm.grammar import cached_grammars, ll_tokenizer
 from nbllm.structured import Constraint, StructuredOutputError, make_constraint
+from nbllm.testing import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,27 +45,59 @@ def tokenizer_lms(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }
 
 
-ADDRESS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-           "required": ["city", "zip"], "additionalProperties": False}
+ADDRESS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+    "required": ["city", "zip"],
+    "additionalProperties": False,
+}
 SCHEMAS = {
-    "nested": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 10},
-                                                "address": ADDRESS},
-               "required": ["name", "address"], "additionalProperties": False},
-    "array": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}},
-                                         "required": ["id"], "additionalProperties": False},
-              "minItems": 1, "maxItems": 3},
-    "enum_bounds": {"type": "object", "properties": {
-        "color": {"enum": ["red", "green", "blue"]}, "level": {"type": "integer", "minimum": 3, "maximum": 7},
-        "ok": {"type": "boolean"}},
-        "required": ["color", "level", "ok"], "additionalProperties": False},
-    "optional": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
-                                                  "b": {"type": ["string", "null"], "maxLength": 5},
-                                                  "c": {"type": "boolean"}},
-                 "required": ["a"], "additionalProperties": False},
-    "pattern": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
-                                                 "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 4}},
-                "required": ["code", "tags"], "additionalProperties": False},
+    "nested": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 10}, "address": ADDRESS},
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "array": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"id": {"type": "integer"}},
+            "required": ["id"],
+            "additionalProperties": False,
+        },
+        "minItems": 1,
+        "maxItems": 3,
+    },
+    "enum_bounds": {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "level": {"type": "integer", "minimum": 3, "maximum": 7},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["color", "level", "ok"],
+        "additionalProperties": False,
+    },
+    "optional": {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 9},
+            "b": {"type": ["string", "null"], "maxLength": 5},
+            "c": {"type": "boolean"},
+        },
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    "pattern": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+            "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 4},
+        },
+        "required": ["code", "tags"],
+        "additionalProperties": False,
+    },
 }
 
 
@@ -81,9 +113,15 @@ def test_schema_outputs_validate_across_tokenizers(tokenizer_lms: dict[str, nbll
 
 
 def test_number_bounds(lm: nbllm.LM) -> None:
-    schema = {"type": "object", "properties": {"ratio": {"type": "number", "minimum": -1, "maximum": 1},
-                                               "t": {"type": "number", "exclusiveMinimum": 10}},
-              "required": ["ratio", "t"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "ratio": {"type": "number", "minimum": -1, "maximum": 1},
+            "t": {"type": "number", "exclusiveMinimum": 10},
+        },
+        "required": ["ratio", "t"],
+        "additionalProperties": False,
+    }
     done = 0
     for seed in range(8):
         try:  # a random model may repeat digits forever: then a clear error, never a bad number
@@ -113,7 +151,7 @@ class Owner(BaseModel):
     name: str = Field(min_length=1, max_length=12)
     phone: str = Field(pattern=r"^[0-9]{3}-[0-9]{4}$")
     pets: list[Pet] = Field(max_length=2)
-    nickname: Optional[str] = Field(default=None, max_length=6)
+    nickname: str | None = Field(default=None, max_length=6)
 
 
 def test_pydantic_model_returns_an_instance(tokenizer_lms: dict[str, nbllm.LM]) -> None:
@@ -189,8 +227,9 @@ def test_outlines_output_types(lm: nbllm.LM) -> None:
     assert re.fullmatch("[ab]{4}", nbllm.generate(lm, "x", regex=Regex("[ab]{4}"), temperature=1.0, seed=1).text)
     assert nbllm.generate(lm, "x", grammar=CFG('start: "a" | "b"'), temperature=1.0, seed=1).text in "ab"
     schema = JsonSchema(json.dumps(SCHEMAS["optional"]))
-    jsonschema.validate(nbllm.generate(lm, "x", schema=schema, temperature=1.0, seed=1, max_tokens=200).value,
-                        SCHEMAS["optional"])
+    jsonschema.validate(
+        nbllm.generate(lm, "x", schema=schema, temperature=1.0, seed=1, max_tokens=200).value, SCHEMAS["optional"]
+    )
 
 
 def test_masked_prob_is_the_probability_the_mask_removed(lm: nbllm.LM) -> None:
@@ -214,19 +253,22 @@ def test_too_few_tokens_raises_with_the_partial_text(lm: nbllm.LM) -> None:
     assert err.partial_text.startswith('{"name": "') and "max_tokens" in str(err)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"schema": {"type": "strin"}}, "schema: invalid JSON Schema"),
-    ({"schema": "{not json"}, "schema: expected a JSON Schema as a JSON string"),
-    ({"schema": 42}, "schema: expected a Pydantic model class"),
-    ({"regex": "(ab"}, "regex: invalid regular expression"),
-    ({"regex": ""}, "regex: expected a non-empty pattern"),
-    ({"grammar": "start: undefined_rule"}, "grammar: invalid grammar"),
-    ({"choices": []}, "choices: expected a non-empty list"),
-    ({"choices": "yes"}, "choices: expected a non-empty list"),
-    ({"choices": ["a", 1]}, "choices: expected a non-empty list"),
-    ({"json": "yes"}, "json: expected True"),
-    ({"json": True, "regex": "a"}, "expected at most one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"schema": {"type": "strin"}}, "schema: invalid JSON Schema"),
+        ({"schema": "{not json"}, "schema: expected a JSON Schema as a JSON string"),
+        ({"schema": 42}, "schema: expected a Pydantic model class"),
+        ({"regex": "(ab"}, "regex: invalid regular expression"),
+        ({"regex": ""}, "regex: expected a non-empty pattern"),
+        ({"grammar": "start: undefined_rule"}, "grammar: invalid grammar"),
+        ({"choices": []}, "choices: expected a non-empty list"),
+        ({"choices": "yes"}, "choices: expected a non-empty list"),
+        ({"choices": ["a", 1]}, "choices: expected a non-empty list"),
+        ({"json": "yes"}, "json: expected True"),
+        ({"json": True, "regex": "a"}, "expected at most one of"),
+    ],
+)
 def test_bad_input_fails_before_generation(lm: nbllm.LM, kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         nbllm.stream(lm, "hi", **kwargs)  # raises at the call, before any token
@@ -243,8 +285,9 @@ def test_compiled_grammars_are_cached_per_tokenizer(lm: nbllm.LM, tokenizer_lms:
     a, b = make_constraint(lm, regex=pattern), make_constraint(lm, regex=pattern)
     assert cached_grammars(lm.tokenizer) == before + 1
     # Each constraint has its own state: running one leaves the other at the start.
-    nbllm.generate(lm, "x", constraint=a, temperature=1.0, seed=0)
-    assert a.is_complete and not b.is_complete
+    ts = nbllm.stream(lm, "x", constraint=a, temperature=1.0, seed=0)
+    ts.completion()
+    assert ts.constraint.is_complete and not a.is_complete and not b.is_complete  # a run works on its own copy
     make_constraint(other, regex=pattern)
     assert cached_grammars(other.tokenizer) >= 1
 
@@ -291,7 +334,7 @@ def test_processor_masks_padded_vocab_and_rolls_back(lm: nbllm.LM) -> None:
     logits = mx.zeros((1, padded))
     out = c.processor(mx.array([1, 2, 3]), logits)  # first call: the prompt
     assert out.shape == (1, padded)
-    assert not mx.any(mx.isfinite(out[0, lm.vocab_size:])).item()
+    assert not mx.any(mx.isfinite(out[0, lm.vocab_size :])).item()
     first = int(mx.argmax(out[0]).item())
     out2 = c.processor(mx.array([1, 2, 3, first]), logits)
     assert c.allowed_count(1) is not None and c.allowed_count(0) > 0
@@ -299,8 +342,10 @@ def test_processor_masks_padded_vocab_and_rolls_back(lm: nbllm.LM) -> None:
     again = c.processor(mx.array([1, 2, 3]), logits)
     assert mx.array_equal(mx.isfinite(again), mx.isfinite(out)).item()
     twin = c.copy()
-    assert isinstance(twin, Constraint) and mx.array_equal(mx.isfinite(twin.processor(mx.array([1, 2, 3, first]), logits)),
-                                                            mx.isfinite(out2)).item()
+    assert (
+        isinstance(twin, Constraint)
+        and mx.array_equal(mx.isfinite(twin.processor(mx.array([1, 2, 3, first]), logits)), mx.isfinite(out2)).item()
+    )
     with pytest.raises(ValueError, match="not allowed"):
         c.processor(mx.array([1, 2, 3, lm.tokenizer.encode("zz", add_special_tokens=False)[0]]), logits)
 

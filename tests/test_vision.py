@@ -19,7 +19,7 @@ import pytest
 
 import nbllm
 from nbllm.cache import PromptCache
-from nbllm.fixtures_vision import make_image, make_vision_model
+from nbllm.testing import make_image, make_vision_model
 from nbllm.vision import VisionLM
 
 ARCHS = ["qwen2_vl", "gemma3"]
@@ -59,8 +59,13 @@ def _mlx_vlm_tokens(path: Path, prompt: Any, images: list[str], max_tokens: int)
 
     model, processor = load(str(path))
     text = apply_chat_template(processor, model.config, prompt, num_images=len(images))
-    ids = prepare_inputs(processor, images=images or None, prompts=text, image_token_index=None,
-                         add_special_tokens=should_add_special_tokens(model.config.model_type, processor))["input_ids"]
+    ids = prepare_inputs(
+        processor,
+        images=images or None,
+        prompts=text,
+        image_token_index=None,
+        add_special_tokens=should_add_special_tokens(model.config.model_type, processor),
+    )["input_ids"]
     last = None
     for last in stream_generate(model, processor, text, image=images or None, max_tokens=max_tokens, temperature=0.0):
         pass
@@ -83,7 +88,7 @@ def test_load_routes_vision_config_to_vision_lm(vlm: VisionLM) -> None:
 def test_greedy_parity_with_mlx_vlm(vlm: VisionLM, vision_dir: Path, images: list[str]) -> None:
     paths = [str(vision_dir / p) for p in images]
     ref_ids, ref_tokens = _mlx_vlm_tokens(vlm.path, QUESTION, paths, max_tokens=16)
-    assert vlm.encode(QUESTION, images=paths) == ref_ids
+    assert list(vlm.encode(QUESTION, images=paths).ids) == ref_ids
     ours = [t.id for t in vlm.stream(QUESTION, images=paths, max_tokens=16)]
     assert ours == ref_tokens
     if images:  # the picture matters: without it the model says something else
@@ -94,17 +99,21 @@ def test_qwen2_5_vl_parity_with_mlx_vlm(vision_dir: Path, tmp_path: Path) -> Non
     lm = nbllm.load(make_vision_model(tmp_path / "qwen2_5_vl", "qwen2_5_vl"))
     paths = [str(vision_dir / "a.png"), str(vision_dir / "b.png")]
     ref_ids, ref_tokens = _mlx_vlm_tokens(lm.path, QUESTION, paths, max_tokens=12)
-    assert lm.encode(QUESTION, images=paths) == ref_ids
+    assert list(lm.encode(QUESTION, images=paths).ids) == ref_ids
     assert [t.id for t in lm.stream(QUESTION, images=paths, max_tokens=12)] == ref_tokens
 
 
-def test_prepare_inputs_returns_merged_embeddings(vlm: VisionLM, vision_dir: Path) -> None:
-    ids = vlm.encode(QUESTION)
-    before = list(ids)
-    emb = vlm.prepare_inputs(ids, [vision_dir / "a.png"])
-    assert emb is not None
-    # images given to a prompt encoded without them: placeholders expanded in place
-    assert len(ids) > len(before) and ids == vlm.encode(QUESTION, images=vision_dir / "a.png")
+def test_encode_returns_merged_embeddings(vlm: VisionLM, vision_dir: Path) -> None:
+    image_path = vision_dir / "a.png"
+    prompt = vlm.encode(QUESTION, images=image_path)
+    plain = vlm.encode(QUESTION)
+    ids = list(prompt.ids)
+    assert len(ids) > len(plain) and prompt.media and not plain.media and not prompt.continuation
+    # token ids with one image marker per image, plus the images: expanded as the processor does
+    marked = vlm.tokenizer.encode(vlm.image_marker + " " + QUESTION, add_special_tokens=False)
+    expanded = vlm.encode(marked, images=image_path)
+    assert len(expanded) > len(marked) and expanded.media == prompt.media
+    emb = prompt.embeddings
     hidden = vlm.vlm.language_model.model.embed_tokens.weight.shape[1]
     assert emb.shape == (len(ids), hidden)
     text = vlm.vlm.language_model.model.embed_tokens(mx.array(ids))
@@ -121,8 +130,17 @@ def test_image_sources_are_equivalent(qwen: VisionLM, vision_dir: Path) -> None:
     data = path.read_bytes()
     pil = Image.open(path)
     pixels = np.asarray(pil.convert("RGB"))
-    sources = [str(path), path, pil, pixels, pixels.astype(np.float32) / 255.0, data, bytearray(data), io.BytesIO(data),
-               "data:image/png;base64," + base64.b64encode(data).decode()]
+    sources = [
+        str(path),
+        path,
+        pil,
+        pixels,
+        pixels.astype(np.float32) / 255.0,
+        data,
+        bytearray(data),
+        io.BytesIO(data),
+        "data:image/png;base64," + base64.b64encode(data).decode(),
+    ]
     ref = [t.id for t in qwen.stream(QUESTION, images=sources[0], max_tokens=6)]
     for src in sources[1:]:
         assert [t.id for t in qwen.stream(QUESTION, images=src, max_tokens=6)] == ref, type(src).__name__
@@ -157,7 +175,7 @@ def test_followup_reuses_prompt_cache_and_image_features(vlm: VisionLM, vision_d
     misses = vlm.image_cache.misses
     turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And its shape?"}]
     second = vlm.generate(turn2, images=img, max_tokens=8, prompt_cache=cache)
-    image_tokens = sum(t in vlm.model.image_ids for t in vlm.encode(turn2, images=img))
+    image_tokens = sum(t in vlm.model.image_ids for t in list(vlm.encode(turn2, images=img).ids))
     # the image (and everything before the new question) came from the cache
     assert second.stats.cached_tokens > image_tokens > 0
     assert vlm.image_cache.misses == misses and vlm.image_cache.hits >= 1  # vision tower not re-run
@@ -173,7 +191,7 @@ def test_same_size_other_image_does_not_reuse_the_cache(vlm: VisionLM, vision_di
     a = make_image(64, 48, seed=0)
     b = ImageOps.invert(a)  # same size, so the same placeholder ids
     turn = [{"role": "user", "content": "What is this?"}]
-    assert vlm.encode(turn, images=a) == vlm.encode(turn, images=b)
+    assert list(vlm.encode(turn, images=a).ids) == list(vlm.encode(turn, images=b).ids)
     cache = PromptCache(vlm)
     vlm.generate(turn, images=a, max_tokens=6, prompt_cache=cache)
     warm = vlm.generate(turn, images=b, max_tokens=6, prompt_cache=cache)
@@ -197,11 +215,15 @@ def test_saved_prompt_cache_serves_a_followup(vlm: VisionLM, vision_dir: Path, t
 
 def test_images_inside_chat_messages(vlm: VisionLM, vision_dir: Path) -> None:
     img = str(vision_dir / "a.png")
-    side = vlm.encode([{"role": "user", "content": QUESTION}], images=img)
+    side = list(vlm.encode([{"role": "user", "content": QUESTION}], images=img).ids)
     parts = [{"type": "text", "text": QUESTION}, {"type": "image", "image": img}]
-    inline = vlm.encode([{"role": "user", "content": parts}])
+    inline = list(vlm.encode([{"role": "user", "content": parts}]).ids)
     assert inline == side  # text then image: the layout both families use for images=
-    blank = vlm.encode([{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}], images=img)
+    blank = list(
+        vlm.encode(
+            [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}], images=img
+        ).ids
+    )
     assert blank == inline
     ref = [t.id for t in vlm.stream(inline.copy(), images=img, max_tokens=6)]  # token ids + images
     assert ref == [t.id for t in vlm.stream([{"role": "user", "content": parts}], max_tokens=6)]
@@ -214,7 +236,7 @@ def test_token_ids_with_one_marker_per_image_are_expanded(vlm: VisionLM, vision_
     msgs = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}, {"type": "image"}]}]
     text = vlm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = vlm.tokenizer.encode(text, add_special_tokens=False)
-    full = vlm.encode(msgs, images=imgs)
+    full = list(vlm.encode(msgs, images=imgs).ids)
     assert len(ids) < len(full)
     ts = vlm.stream(ids, images=imgs, max_tokens=6)
     assert ts.prompt_ids == full
@@ -229,7 +251,8 @@ def test_interleaved_streams_keep_their_own_images(vlm: VisionLM, vision_dir: Pa
     from PIL import ImageOps
 
     a, b = make_image(84, 56, seed=1), ImageOps.invert(make_image(56, 84, seed=2))
-    assert vlm.encode(QUESTION, images=a) == vlm.encode(QUESTION, images=b)
+    assert list(vlm.encode(QUESTION, images=a).ids) == list(vlm.encode(QUESTION, images=b).ids)
+
     def run(ts: Any) -> list[tuple[int, float]]:  # logprobs too: wrong positions shift them
         return [(t.id, t.logprob) for t in ts]
 
@@ -295,11 +318,11 @@ def test_bad_images_raise_one_line_errors_and_keep_the_cache(qwen: VisionLM, vis
     with pytest.raises(ValueError, match="not both"):
         qwen.stream([{"role": "user", "content": [{"type": "image", "image": str(img)}]}], images=img)
     with pytest.raises(ValueError, match="image part"):
-        qwen.encode([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], images=img)
+        list(qwen.encode([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], images=img).ids)
     with pytest.raises(ValueError, match="image token"):
-        qwen.stream(qwen.encode(QUESTION), images=img)  # token ids without placeholders
+        qwen.stream(list(qwen.encode(QUESTION).ids), images=img)  # token ids without placeholders
     with pytest.raises(ValueError, match="placeholder"):
-        qwen.stream(list(qwen.encode(QUESTION, images=img)))  # placeholders without images
+        qwen.stream(list(list(qwen.encode(QUESTION, images=img).ids)))  # placeholders without images
     with pytest.raises(ValueError, match="marker"):
         qwen.stream(QUESTION, images=img, raw=True)
     assert cache.ids == held
@@ -329,7 +352,7 @@ def test_text_only_model_refuses_images(lm: nbllm.LM, vision_dir: Path) -> None:
 
 def test_raw_prompt_with_markers(qwen: VisionLM, vision_dir: Path) -> None:
     text = f"<|vision_start|>{qwen.image_marker}<|vision_end|>Describe:"
-    ids = qwen.encode(text, raw=True, images=vision_dir / "a.png")
+    ids = list(qwen.encode(text, raw=True, images=vision_dir / "a.png").ids)
     assert sum(t in qwen.model.image_ids for t in ids) > 1
     assert len(list(qwen.stream(text, raw=True, images=vision_dir / "a.png", max_tokens=3))) == 3
 

@@ -6,16 +6,16 @@ import html
 import re
 import time
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from oracle import mlx_lm_distribution
 
 import nbllm
 from nbllm import render
-from nbllm.sampling import SamplingParams, sampled_logprobs
+from nbllm.distribution import shape_distribution
+from nbllm.sampling import SamplingParams
 from nbllm.tokens import Alternative, Token
-from nbllm.widgets import ChatWidget, DistributionView, StepperWidget, StreamView
-from nbllm.widgets import _live
+from nbllm.widgets import ChatWidget, DistributionView, StepperWidget, StreamView, _live
 
 
 # -- render -------------------------------------------------------------------
@@ -38,8 +38,8 @@ def _logprobs(n: int = 64, seed: int = 0) -> np.ndarray:
 )
 def test_shape_distribution_matches_the_sampler(settings: dict) -> None:
     lp = _logprobs()
-    shaped = render.shape_distribution(lp, k=lp.shape[0], **settings)
-    expected = np.exp(np.array(sampled_logprobs(mx.array(lp), SamplingParams(**settings))))
+    shaped = shape_distribution(lp, SamplingParams(**settings), k=lp.shape[0])
+    expected = mlx_lm_distribution(lp, SamplingParams(**settings))
     got = np.zeros_like(expected)
     got[list(shaped.ids)] = shaped.sampled_probs
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -50,11 +50,11 @@ def test_shape_distribution_matches_the_sampler(settings: dict) -> None:
 
 def test_shape_distribution_names_the_filter_that_cut_each_token() -> None:
     lp = np.log(np.array([0.5, 0.3, 0.1, 0.06, 0.04], dtype=np.float32))
-    shaped = render.shape_distribution(lp, top_p=0.75, k=5)
+    shaped = shape_distribution(lp, SamplingParams(temperature=1.0, top_p=0.75), k=5)
     assert shaped.cut_by == ("", "", "top-p", "top-p", "top-p")
-    shaped = render.shape_distribution(lp, min_p=0.15, top_k=1, k=5)
+    shaped = shape_distribution(lp, SamplingParams(temperature=1.0, min_p=0.15, top_k=1), k=5)
     assert shaped.cut_by == ("", "top-k", "top-k", "min-p", "min-p")
-    rest = render.shape_distribution(lp, k=2)
+    rest = shape_distribution(lp, SamplingParams(temperature=1.0), k=2)
     assert rest.rest_model == pytest.approx(0.2, abs=1e-6) and rest.survivors == 5
 
 
@@ -75,7 +75,7 @@ def test_token_span_colours_marks_and_lists_alternatives() -> None:
 def test_distribution_figure_without_pyplot() -> None:
     import sys
 
-    fig = render.distribution_figure(render.shape_distribution(_logprobs(), top_k=3, temperature=1.0, k=5))
+    fig = render.distribution_figure(shape_distribution(_logprobs(), SamplingParams(top_k=3, temperature=1.0), k=5))
     assert type(fig).__name__ == "Figure" and len(fig.axes[0].patches) == 12  # 6 rows x (model, sampled)
     assert "matplotlib.pyplot" not in sys.modules or fig.canvas.manager is None
 
@@ -85,17 +85,21 @@ def test_throttle_coalesces_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(_live.time, "perf_counter", lambda: now[0])
     t = _live.Throttle(max_rate=30.0, budget=0.1)
     assert t.due()
-    t.begin(); t.end()
+    t.begin()
+    t.end()
     now[0] += 0.01
     assert not t.due()
     now[0] += 0.03
     assert t.due()
-    t.begin(); now[0] += 0.02; t.end()  # a 20 ms redraw: wait 200 ms, not 33 ms
+    t.begin()
+    now[0] += 0.02
+    t.end()  # a 20 ms redraw: wait 200 ms, not 33 ms
     now[0] += 0.1
     assert not t.due()
     now[0] += 0.1
     assert t.due()
-    t.begin(); t.end(sent_bytes=200_000)  # shipping 200 KB is charged too: 10 ms -> wait 100 ms
+    t.begin()
+    t.end(sent_bytes=200_000)  # shipping 200 KB is charged too: 10 ms -> wait 100 ms
     now[0] += 0.09
     assert not t.due()
     now[0] += 0.02
@@ -134,7 +138,7 @@ def test_distribution_sliders_reshape_from_the_stored_vector() -> None:
     view.sliders["top_k"].value = 5
     assert view.top_k == 5 and view.survivors == 5 and "cut by top-k" in view._chart.value
     view.sliders["top_p"].value = 0.05
-    expected = np.exp(np.array(sampled_logprobs(mx.array(lp), SamplingParams(temperature=1.0, top_p=0.05, top_k=5))))
+    expected = mlx_lm_distribution(lp, SamplingParams(temperature=1.0, top_p=0.05, top_k=5))
     assert view.survivors == int((expected > 0).sum()) < 5
     view.top_k, view.top_p, view.min_p = 0, 1.0, 0.5
     assert view.sliders["min_p"].value == 0.5 and view.survivors == int((lp >= lp.max() + np.log(0.5)).sum())
@@ -180,8 +184,12 @@ def test_stepper_widget_shows_errors_in_its_status(lm: nbllm.LM) -> None:
     w = StepperWidget(nbllm.Stepper(lm, "Hello"))
     w.choose(eos)
     assert w.done and w.next_button.disabled and all(b.layout.display == "none" for b in w.alternatives)
-    w.next()
-    assert "generation has finished" in w.status and w.n_tokens == 1
+    with pytest.raises(RuntimeError, match="generation has finished"):  # a call from a cell fails in the cell...
+        w.next()
+    assert "generation has finished" in w.status and w.n_tokens == 1  # ...and in the widget
+    w.status = ""
+    w.next_button.click()  # a click has no cell: the widget alone shows it
+    assert "generation has finished" in w.status
     assert "StepperWidget(1 tokens" in w._repr_mimebundle_()["text/plain"]
 
 
@@ -194,9 +202,8 @@ def test_chat_widget_send_replies_and_stop_cancels(lm: nbllm.LM) -> None:
     assert w.wait(30) and not w.busy
     assert [m["role"] for m in w.chat.history] == ["user", "assistant"] and w.n_messages == 2
     assert w.reply == w.chat.history[-1]["content"] and w.finish_reason == "length"
-    assert "cache tokens reused" in w.stats.value and w.input.value == ""
+    assert "35 prompt tokens" in w.stats.value and "finish: length" in w.stats.value and w.input.value == ""
     assert w.reply and html.escape(w.reply) in w.messages.value
-
 
 
 def test_chat_widget_stop_really_stops_mid_reply(lm: nbllm.LM) -> None:
@@ -228,7 +235,8 @@ def test_chat_widget_regenerate_reset_and_errors(lm: nbllm.LM) -> None:
     w = ChatWidget(lm, max_tokens=5, temperature=1.0, seed=1)
     w.regenerate_button.click()
     assert "history is empty" in w.status and not w.busy
-    w.send("   ")
+    with pytest.raises(ValueError, match="expected a non-empty message"):
+        w.send("   ")
     assert w.status == "type a message first"
     w.send("Hi")
     assert w.wait(30)
@@ -244,16 +252,23 @@ def test_chat_widget_regenerate_reset_and_errors(lm: nbllm.LM) -> None:
 def test_chat_widget_image_attach_for_vision_models(lm: nbllm.LM, tmp_path) -> None:
     import datetime
 
-    from nbllm.fixtures_vision import make_image, make_vision_model
+    from nbllm.testing import make_image, make_vision_model
 
     assert ChatWidget(lm).attach not in ChatWidget(lm).children[3].children  # text model: no attach button
     vlm = nbllm.load(make_vision_model(tmp_path / "qwen2_vl", "qwen2_vl"))
     w = ChatWidget(vlm, max_tokens=3)
     assert w.attach in w.children[3].children
     make_image().save(tmp_path / "a.png")
-    w.attach.value = ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview((tmp_path / "a.png").read_bytes()),
-                       "last_modified": datetime.datetime.now()},)
+    w.attach.value = (
+        {
+            "name": "a.png",
+            "type": "image/png",
+            "size": 1,
+            "content": memoryview((tmp_path / "a.png").read_bytes()),
+            "last_modified": datetime.datetime.now(),
+        },
+    )
     w.send("What is in this picture?")
     assert w.wait(60) and [m["role"] for m in w.chat.history] == ["user", "assistant"]
     assert w.chat.history[0]["images"] == 1 and w.attach.value == ()
-    assert w.chat.last_stats.prompt_tokens > len(vlm.encode("What is in this picture?"))
+    assert w.chat.last_stats.prompt_tokens > len(list(vlm.encode("What is in this picture?").ids))

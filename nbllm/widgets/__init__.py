@@ -10,5 +10,6 @@ from .chat import ChatWidget
 from .distribution import DistributionView
 from .stepper import StepperWidget
 from .stream import StreamView
+from .text import TextView
 
-__all__ = ["StreamView", "DistributionView", "StepperWidget", "ChatWidget"]
+__all__ = ["StreamView", "TextView", "DistributionView", "StepperWidget", "ChatWidget"]

@@ -10,25 +10,20 @@ sets the stream's cancel flag, which ends it after the current token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode
 
 from .. import render
+from ..chat import Chat
 from ._live import Throttle
 
 __all__ = ["ChatWidget"]
-
-
-def _make_chat(lm: Any, system: str | None, options: dict[str, Any]) -> Any:
-    try:
-        from ..chat import Chat
-    except ImportError as err:  # chat.py is built by a separate task
-        raise ImportError(f"ChatWidget needs nbllm.chat.Chat, which is not available in this install: {err}") from None
-    return Chat(lm, system=system, **options)
 
 
 class ChatWidget(widgets.VBox):
@@ -48,7 +43,7 @@ class ChatWidget(widgets.VBox):
     finish_reason = Unicode(None, allow_none=True).tag(sync=True)
 
     def __init__(self, chat: Any, *, system: str | None = None, max_rate: float = 30.0, **options: Any):
-        self.chat = chat if hasattr(chat, "send") else _make_chat(chat, system, options)
+        self.chat = chat if isinstance(chat, Chat) else Chat(chat, system=system, **options)
         self.lm = getattr(self.chat, "lm", chat)
         self._max_rate = max_rate
         self._stream: Any = None
@@ -58,9 +53,12 @@ class ChatWidget(widgets.VBox):
         self._done = threading.Event()
         self._done.set()
         self.task: Any = None
+        self._stats_before: Any = None
         self.messages = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
         self.input = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="100%"))
-        self.system_box = widgets.Text(value=getattr(self.chat, "system", None) or system or "", description="system", placeholder="system prompt")
+        self.system_box = widgets.Text(
+            value=getattr(self.chat, "system", None) or system or "", description="system", placeholder="system prompt"
+        )
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.regenerate_button = widgets.Button(description="Regenerate", icon="redo")
@@ -71,23 +69,29 @@ class ChatWidget(widgets.VBox):
         buttons = [self.send_button, self.stop_button, self.regenerate_button, self.reset_button]
         if getattr(self.lm, "is_vision", False):
             buttons.append(self.attach)
-        super().__init__(children=[self.system_box, self.messages, self.input, widgets.HBox([*buttons, self._status]), self.stats])
+        super().__init__(
+            children=[self.system_box, self.messages, self.input, widgets.HBox([*buttons, self._status]), self.stats]
+        )
         self.add_class("nbllm-chat-widget")
         self.observe(self._show_status, "status")
-        self.send_button.on_click(lambda _: self.send())
+        self.send_button.on_click(lambda _: self._click(self.send))
         self.stop_button.on_click(lambda _: self.stop())
-        self.regenerate_button.on_click(lambda _: self.regenerate())
-        self.reset_button.on_click(lambda _: self.reset())
+        self.regenerate_button.on_click(lambda _: self._click(self.regenerate))
+        self.reset_button.on_click(lambda _: self._click(self.reset))
         self.system_box.observe(self._system_changed, "value")
         self.redraw()
 
-    # -- actions ---------------------------------------------------------------
+    # -- actions (a bad request raises here and shows in the status line; a click only shows it) --
+    def _click(self, action: Callable[[], Any]) -> None:
+        with contextlib.suppress(ValueError, TypeError, RuntimeError, IndexError):  # already in the status line
+            action()
+
     def send(self, text: str | None = None) -> None:
         """Send ``text`` (default: the input box) and stream the reply."""
         text = self.input.value if text is None else text
         if not text.strip():
             self.status = "type a message first"
-            return
+            raise ValueError(f"send: expected a non-empty message, got {text!r}")
         images = self._images()
         kwargs = {"images": images} if images else {}
         shown = self._history() + [{"role": "user", "content": text}]
@@ -114,8 +118,12 @@ class ChatWidget(widgets.VBox):
         """Forget the conversation (keeps the system prompt)."""
         if self.busy:
             self.status = "stop the reply first"
-            return
-        self.chat.reset()
+            raise RuntimeError("reset: a reply is streaming; stop() it first")
+        try:
+            self.chat.reset()
+        except RuntimeError as err:
+            self.status = str(err)
+            raise
         self.reply, self.finish_reason, self.status = "", None, ""
         self.stats.value = ""
         self.redraw()
@@ -128,13 +136,14 @@ class ChatWidget(widgets.VBox):
     def _start(self, make_stream: Callable[[], Iterator[Any]], shown: list[dict[str, Any]]) -> bool:
         if self.busy:
             self.status = "a reply is already streaming"
-            return False
+            raise RuntimeError("a reply is already streaming; stop() it or wait()")
         try:
             stream = make_stream()
         except (ValueError, TypeError, RuntimeError, IndexError) as err:
             self.status = str(err)
-            return False
+            raise
         self._stream, self._stop, self._pending, self._shown = stream, False, "", shown
+        self._stats_before = getattr(self.chat, "last_stats", None)
         self.reply, self.status, self.finish_reason = "", "replying…", None
         self.busy = True
         self._done.clear()
@@ -183,8 +192,10 @@ class ChatWidget(widgets.VBox):
         self.redraw()  # the settled history first, so the status below never runs ahead of it
         self.reply, self._pending = self._pending, ""
         self.finish_reason = getattr(last, "finish_reason", None) or ("cancelled" if self._stop else None)
-        stats = getattr(self.chat, "last_stats", None) or getattr(stream, "stats", None)
-        self.stats.value = f"<span class='nbllm-foot'>{html.escape(_stats_text(stats, self.finish_reason))}</span>"
+        settled = getattr(self.chat, "last_stats", None)
+        stats = settled if settled is not self._stats_before else getattr(stream, "stats", None)
+        line = stats.summary(self.finish_reason) if stats is not None else ""
+        self.stats.value = f"<span class='nbllm-foot'>{html.escape(line)}</span>"
         if self.finish_reason == "cancelled":
             self.status = "stopped"
         elif self.status in ("stopping…", "replying…"):
@@ -208,7 +219,9 @@ class ChatWidget(widgets.VBox):
         self.messages.value = render.messages_html(history, pending=pending)
 
     def _show_status(self, change: Any) -> None:
-        self._status.value = f"<span class='nbllm-status' style='color:#a33;padding-left:8px'>{html.escape(change['new'])}</span>"
+        self._status.value = (
+            f"<span class='nbllm-status' style='color:#a33;padding-left:8px'>{html.escape(change['new'])}</span>"
+        )
 
     def _system_changed(self, change: Any) -> None:
         value = change["new"] or None
@@ -227,17 +240,3 @@ class ChatWidget(widgets.VBox):
         data["text/plain"] = f"ChatWidget({len(self._history())} messages)"
         data["text/html"] = render.messages_html(self._history())
         return data
-
-
-def _stats_text(stats: Any, finish: str | None) -> str:
-    if stats is None:
-        return f"finish: {finish}" if finish else ""
-    parts = [
-        f"first token {getattr(stats, 'time_to_first_token', 0.0) * 1000:.0f} ms",
-        f"{getattr(stats, 'generation_tps', 0.0):.1f} tok/s",
-        f"{getattr(stats, 'generated_tokens', 0)} tokens",
-        f"{getattr(stats, 'cached_tokens', 0)} cache tokens reused",
-    ]
-    if finish:
-        parts.append(f"finish: {finish}")
-    return " · ".join(parts)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
 from traitlets import Float, Int, observe, validate
 
 from .. import render
+from ..decode import piece_of
+from ..distribution import Shaped, as_numpy, shape_distribution
+from ..sampling import SamplingParams
 
 __all__ = ["DistributionView"]
-
-
-def _to_numpy(logprobs: Any) -> np.ndarray:
-    if hasattr(logprobs, "dtype") and type(logprobs).__module__.startswith("mlx"):
-        import mlx.core as mx
-
-        logprobs = logprobs.astype(mx.float32)
-    return np.asarray(logprobs, dtype=np.float32).reshape(-1)
 
 
 class DistributionView(widgets.VBox):
@@ -59,17 +55,25 @@ class DistributionView(widgets.VBox):
         **kwargs: Any,
     ):
         self._label = _labeler(label)
-        self._logprobs = _to_numpy(logprobs)
-        self.shaped: render.Shaped | None = None
+        self._logprobs = as_numpy(logprobs)
+        self.shaped: Shaped | None = None
         self.chosen: int | None = None
         vocab = self._logprobs.shape[0]
         style = {"description_width": "90px"}
         top_k_max = min(vocab, 200)
         self.sliders = {
-            "temperature": widgets.FloatSlider(min(max(temperature, 0.0), 2.0), min=0.0, max=2.0, step=0.05, description="temperature", style=style),
-            "top_p": widgets.FloatSlider(min(max(top_p, 0.01), 1.0), min=0.01, max=1.0, step=0.01, description="top-p", style=style),
-            "min_p": widgets.FloatSlider(min(max(min_p, 0.0), 1.0), min=0.0, max=1.0, step=0.01, description="min-p", style=style),
-            "top_k": widgets.IntSlider(min(max(top_k, 0), top_k_max), min=0, max=top_k_max, description="top-k", style=style),
+            "temperature": widgets.FloatSlider(
+                min(max(temperature, 0.0), 2.0), min=0.0, max=2.0, step=0.05, description="temperature", style=style
+            ),
+            "top_p": widgets.FloatSlider(
+                min(max(top_p, 0.01), 1.0), min=0.01, max=1.0, step=0.01, description="top-p", style=style
+            ),
+            "min_p": widgets.FloatSlider(
+                min(max(min_p, 0.0), 1.0), min=0.0, max=1.0, step=0.01, description="min-p", style=style
+            ),
+            "top_k": widgets.IntSlider(
+                min(max(top_k, 0), top_k_max), min=0, max=top_k_max, description="top-k", style=style
+            ),
         }
         super().__init__(**kwargs)
         self.k = k
@@ -103,7 +107,7 @@ class DistributionView(widgets.VBox):
 
     def set_logprobs(self, logprobs: Any, chosen: int | None = None) -> None:
         """Show a new distribution (e.g. the stepper's next position)."""
-        self._logprobs = _to_numpy(logprobs)
+        self._logprobs = as_numpy(logprobs)
         self.chosen = chosen
         self.redraw()
 
@@ -114,10 +118,8 @@ class DistributionView(widgets.VBox):
 
     def redraw(self) -> None:
         """Recompute the survivors from the stored vector and redraw the chart."""
-        self.shaped = render.shape_distribution(
-            self._logprobs, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            min_p=self.min_p, k=self.k, label=self._label,
-        )
+        params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        self.shaped = shape_distribution(self._logprobs, params, k=self.k, label=self._label)
         self.survivors = self.shaped.survivors
         self._chart.value = render.distribution_html(self.shaped, chosen=self.chosen)
 
@@ -129,7 +131,9 @@ class DistributionView(widgets.VBox):
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         data = super()._repr_mimebundle_(**kwargs) or {}
         s = self.shaped
-        data["text/plain"] = f"DistributionView({s.survivors} of {s.vocab_size} tokens survive)" if s else "DistributionView()"
+        data["text/plain"] = (
+            f"DistributionView({s.survivors} of {s.vocab_size} tokens survive)" if s else "DistributionView()"
+        )
         data["text/html"] = self._chart.value
         return data
 
@@ -140,6 +144,4 @@ def _labeler(label: Any) -> Callable[[int], str]:
     tokenizer, pieces = getattr(label, "tokenizer", None), getattr(label, "pieces", None)
     if tokenizer is None:
         raise TypeError(f"label: expected a callable id -> text or an LM, got {type(label).__name__}")
-    from ..decode import piece_of
-
     return lambda i: piece_of(tokenizer, i, pieces if pieces is not None else {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ class StepperWidget(widgets.VBox):
     done = Bool(False, help="generation has finished").tag(sync=True)
     status = Unicode("").tag(sync=True)
 
-    def __init__(self, stepper: "Stepper", *, k: int = 8, n: int = 10, **kwargs: Any):
+    def __init__(self, stepper: Stepper, *, k: int = 8, n: int = 10, **kwargs: Any):
         if not hasattr(stepper, "candidates") or not hasattr(stepper, "step"):
             raise TypeError(f"stepper: expected an nbllm.Stepper, got {type(stepper).__name__}")
         self.stepper = stepper
@@ -52,23 +53,36 @@ class StepperWidget(widgets.VBox):
         self._text = widgets.HTML()
         self.alternatives = [widgets.Button(layout=widgets.Layout(width="auto")) for _ in range(k)]
         for button in self.alternatives:
-            button.on_click(self._on_alternative)
+            button.on_click(lambda b: self._click(lambda: self._on_alternative(b)))
         params = stepper.params
         self.distribution = DistributionView(
-            stepper.logprobs, label=stepper.lm, temperature=params.temperature, top_k=params.top_k,
-            top_p=params.top_p, min_p=params.min_p, k=k,
+            stepper.logprobs,
+            label=stepper.lm,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            k=k,
         )
-        controls = widgets.HBox([self.next_button, self.next_n_button, self.n_box, self.back_button, self.reset_button, self.progress])
-        choices = widgets.HBox([widgets.HTML("<b>choose next:</b>"), *self.alternatives], layout=widgets.Layout(flex_flow="row wrap"))
+        controls = widgets.HBox(
+            [self.next_button, self.next_n_button, self.n_box, self.back_button, self.reset_button, self.progress]
+        )
+        choices = widgets.HBox(
+            [widgets.HTML("<b>choose next:</b>"), *self.alternatives], layout=widgets.Layout(flex_flow="row wrap")
+        )
         super().__init__(children=[controls, self._label, self._text, choices, self.distribution], **kwargs)
         self.add_class("nbllm-stepper")
-        self.next_button.on_click(lambda _: self.next())
-        self.next_n_button.on_click(lambda _: self.next_n(self.n_box.value))
-        self.back_button.on_click(lambda _: self.back())
-        self.reset_button.on_click(lambda _: self.reset())
+        self.next_button.on_click(lambda _: self._click(self.next))
+        self.next_n_button.on_click(lambda _: self._click(lambda: self.next_n(self.n_box.value)))
+        self.back_button.on_click(lambda _: self._click(self.back))
+        self.reset_button.on_click(lambda _: self._click(self.reset))
         self.redraw()
 
-    # -- moves (the buttons call these; errors show in the status line) ---------
+    # -- moves (an error shows in the status line and is raised; a click only shows it) --
+    def _click(self, move: Any) -> None:
+        with contextlib.suppress(ValueError, RuntimeError):  # already in the status line
+            move()
+
     def next(self) -> None:
         """Sample one token."""
         self._guard(self.stepper.step)
@@ -81,8 +95,7 @@ class StepperWidget(widgets.VBox):
             for i in range(n):
                 if self.stepper.done:
                     break
-                if not self._guard(self.stepper.step, redraw=False):
-                    break
+                self._guard(self.stepper.step, redraw=False)
                 if throttle.due():
                     throttle.begin()
                     self.progress.value = i + 1
@@ -101,10 +114,15 @@ class StepperWidget(widgets.VBox):
         self._guard(self.stepper.reset)
 
     def choose(self, token: int | str) -> None:
-        """Take ``token`` (id or one-token text) as the next token."""
+        """Take ``token`` (an id, or text: several tokens are taken one after another, and the status says so)."""
+        before = len(self.stepper.tokens)
         self._guard(lambda: self.stepper.choose(token))
+        taken = self.stepper.tokens[before:]
+        if len(taken) > 1:
+            self.status = f"took {token!r} as {len(taken)} tokens: " + " ".join(repr(t.piece) for t in taken)
+            self.redraw()
 
-    def branch(self) -> "StepperWidget":
+    def branch(self) -> StepperWidget:
         """A new widget over an independent copy of the stepper."""
         return StepperWidget(self.stepper.branch(), k=len(self.alternatives), n=self.n_box.value)
 
@@ -113,18 +131,17 @@ class StepperWidget(widgets.VBox):
         if token_id is not None:
             self.choose(token_id)
 
-    def _guard(self, move: Any, redraw: bool = True) -> bool:
+    def _guard(self, move: Any, redraw: bool = True) -> None:
         try:
             move()
-            ok = True
         except (ValueError, RuntimeError) as err:
             self.status = str(err)
-            ok = False
-        else:
-            self.status = ""
+            if redraw:
+                self.redraw()
+            raise
+        self.status = ""
         if redraw:
             self.redraw()
-        return ok
 
     # -- drawing -----------------------------------------------------------------
     def redraw(self) -> None:
@@ -144,7 +161,9 @@ class StepperWidget(widgets.VBox):
                 alt = candidates[i]
                 button.token_id = alt.id
                 button.description = f"{alt.piece!r} {alt.prob:.1%}"
-                button.tooltip = f"token {alt.id}" + (f" · sampler {alt.sampled_prob:.1%}" if alt.sampled_prob is not None else "")
+                button.tooltip = f"token {alt.id}" + (
+                    f" · sampler {alt.sampled_prob:.1%}" if alt.sampled_prob is not None else ""
+                )
                 button.layout.display = None
             else:
                 button.token_id = None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode, observe
@@ -50,7 +51,9 @@ class StreamView(widgets.VBox):
         self._progress = widgets.IntProgress(description="prompt", layout=dict(_HIDDEN))
         self._html = widgets.HTML(render.tokens_html([]))
         self._foot = widgets.HTML("")
-        super().__init__(children=[self._progress, self._html, self._foot], colored=colored, boundaries=boundaries, **kwargs)
+        super().__init__(
+            children=[self._progress, self._html, self._foot], colored=colored, boundaries=boundaries, **kwargs
+        )
         self.add_class("nbllm-stream-view")
 
     # -- feeding ---------------------------------------------------------------
@@ -75,43 +78,50 @@ class StreamView(widgets.VBox):
             self._progress_throttle.end()
 
     def consume(self, stream: Iterable[Token]) -> Completion:
-        """Feed every token of ``stream`` and return the ``Completion``.
+        """Feed every token of ``stream`` and return its ``Completion``.
 
         Args:
-            stream: A ``TokenStream`` (or any iterable of ``Token``).
+            stream: A ``TokenStream`` or ``ChatReply`` (or any iterable of ``Token``).
 
         Returns:
-            The completion (``value`` parsed when the stream has a constraint).
+            The stream's completion (``value`` parsed when it has a constraint).
 
         Raises:
-            KeyboardInterrupt: re-raised after the view shows what arrived.
+            KeyboardInterrupt: re-raised after the view shows what arrived (the stream is closed).
         """
         self.status = "generating"
         try:
             for token in stream:
                 self.feed(token)
-        except KeyboardInterrupt:
+        except BaseException as err:
             close = getattr(stream, "close", None)
             if close:
                 close()
-            self.finish(getattr(stream, "stats", None), "interrupted")
+            self.finish(
+                getattr(stream, "stats", None), "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
+            )
             raise
-        stats = getattr(stream, "stats", None) or Stats(generated_tokens=len(self.tokens))
+        stats = getattr(stream, "stats", None)
         self.finish(stats)
-        completion = Completion.from_tokens(self.tokens, stats)
-        constraint = getattr(stream, "constraint", None)
-        if constraint is not None:
-            completion.value = constraint.finish(completion)
-        return completion
+        completion = getattr(stream, "completion", None)
+        return (
+            completion()
+            if completion is not None
+            else Completion.from_tokens(self.tokens, Stats(generated_tokens=len(self.tokens)))
+        )
 
     def finish(self, stats: Stats | None, reason: str | None = None) -> None:
         """Final redraw with the stats footer."""
         self.stats = stats
         self.finish_reason = reason or (self.tokens[-1].finish_reason if self.tokens else None)
-        self.status = "interrupted" if reason == "interrupted" else ("cancelled" if self.finish_reason == "cancelled" else "done")
+        self.status = (
+            reason
+            if reason in ("interrupted", "error")
+            else ("cancelled" if self.finish_reason == "cancelled" else "done")
+        )
         self._progress.layout.display = "none"
         self.redraw()  # the last tokens before the footer that says generation ended
-        self._foot.value = f"<div class='nbllm-foot'>{html.escape(render.stats_line(stats, self.finish_reason))}</div>"
+        self._foot.value = f"<div class='nbllm-foot'>{html.escape(_summary(stats, self.finish_reason))}</div>"
 
     def clear(self) -> None:
         """Forget all tokens."""
@@ -141,8 +151,11 @@ class StreamView(widgets.VBox):
     def to_html(self) -> str:
         """Static HTML of the current state (browser tooltips, no CSS popups needed)."""
         return render.tokens_html(
-            self.tokens, colored=self.colored, boundaries=self.boundaries, tooltips="title",
-            footer=render.stats_line(self.stats, self.finish_reason),
+            self.tokens,
+            colored=self.colored,
+            boundaries=self.boundaries,
+            tooltips="title",
+            footer=_summary(self.stats, self.finish_reason),
         )
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
@@ -150,3 +163,7 @@ class StreamView(widgets.VBox):
         data["text/plain"] = self.text or "".join(self._chunks) or "StreamView(no tokens yet)"
         data["text/html"] = self.to_html()
         return data
+
+
+def _summary(stats: Stats | None, finish_reason: str | None) -> str:
+    return stats.summary(finish_reason) if stats is not None else (f"finish: {finish_reason}" if finish_reason else "")

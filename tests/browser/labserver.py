@@ -17,8 +17,14 @@ from typing import Any
 
 KERNEL_NAME = "nbllm-test"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -37,7 +43,9 @@ class Lab:
     log: Path
 
     def api(self, path: str, method: str = "GET") -> Any:
-        req = urllib.request.Request(f"{self.url}{path}", method=method, headers={"Authorization": f"token {self.token}"})
+        req = urllib.request.Request(
+            f"{self.url}{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             body = resp.read()
         return json.loads(body) if body else None
@@ -48,7 +56,11 @@ class Lab:
         while time.monotonic() < deadline:
             for session in self.api("/api/sessions"):
                 kernel = session.get("kernel") or {}
-                if session.get("path") == path and kernel.get("connections", 0) > 0 and kernel.get("execution_state") == "idle":
+                if (
+                    session.get("path") == path
+                    and kernel.get("connections", 0) > 0
+                    and kernel.get("execution_state") == "idle"
+                ):
                     return
             time.sleep(0.3)
         raise TimeoutError(f"no connected idle kernel for {path} within {timeout} s")
@@ -79,25 +91,33 @@ def write_kernelspec(jupyter_path: Path) -> None:
     """A kernelspec running this interpreter (the venv's python with ipykernel)."""
     spec = jupyter_path / "kernels" / KERNEL_NAME
     spec.mkdir(parents=True, exist_ok=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nbllm test (venv)",
-        "language": "python",
-        "env": {"HF_HUB_OFFLINE": "1"},
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nbllm test (venv)",
+                "language": "python",
+                "env": {"HF_HUB_OFFLINE": "1"},
+            }
+        )
+    )
 
 
 def write_settings(settings_dir: Path) -> None:
     """No news / update toasts over the notebook."""
     target = settings_dir / "@jupyterlab" / "apputils-extension"
     target.mkdir(parents=True, exist_ok=True)
-    (target / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (target / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
 
 
 def write_notebook(path: Path, cells: list[str]) -> None:
     nb = {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": src}
-                  for i, src in enumerate(cells)],
+        "cells": [
+            {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": src}
+            for i, src in enumerate(cells)
+        ],
         "metadata": {"kernelspec": {"name": KERNEL_NAME, "display_name": "nbllm test (venv)", "language": "python"}},
         "nbformat": 4,
         "nbformat_minor": 5,
@@ -120,15 +140,31 @@ def start_lab(home: Path, root: Path, timeout: float = 90.0) -> Lab:
         d.mkdir(parents=True, exist_ok=True)
     write_kernelspec(dirs["path"])
     write_settings(dirs["settings"])
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
-               JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTER_PATH=str(dirs["path"]), HF_HUB_OFFLINE="1",
-               JUPYTER_PLATFORM_DIRS="1")
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(dirs["config"]),
+        JUPYTER_DATA_DIR=str(dirs["data"]),
+        JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+        JUPYTER_PATH=str(dirs["path"]),
+        HF_HUB_OFFLINE="1",
+        JUPYTER_PLATFORM_DIRS="1",
+    )
     cmd = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        f"--LabApp.user_settings_dir={dirs['settings']}", f"--LabApp.workspaces_dir={dirs['workspaces']}",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=",
-        "--KernelSpecManager.ensure_native_kernel=False", "--LabApp.extension_manager=readonly",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        "--ServerApp.ip=127.0.0.1",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.user_settings_dir={dirs['settings']}",
+        f"--LabApp.workspaces_dir={dirs['workspaces']}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+        "--KernelSpecManager.ensure_native_kernel=False",
+        "--LabApp.extension_manager=readonly",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI often run as root
         cmd.append("--allow-root")

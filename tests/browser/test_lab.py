@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import nbllm
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import expect  # noqa: E402
-
 from labserver import CHROMIUM, CHROMIUM_ARGS, Lab, start_lab, write_notebook
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
@@ -61,19 +61,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, seed: int) ->
     _requirements()
     home = tmp_path_factory.mktemp("jupyter-home")
     root = tmp_path_factory.mktemp("lab-root")
-    write_notebook(root / "demo.ipynb", [
-        f"%load_ext nbllm\nlm = %llm load {model_dir / 'llama'}\nlm",
-        f"%%llm --probs -n {N_TOKENS} -t 0.8 --seed {seed} -o out\n{PROMPT}",
-        "%%llm --step -t 0\nStep with me",
-        "from nbllm.widgets import ChatWidget\neos = next(iter(lm.tokenizer.eos_token_ids))\n"
-        "chat = ChatWidget(lm, max_tokens=100_000, logit_bias={eos: -1e9})\nchat",
-        "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history), s.generated_tokens)",
-    ])
-    write_notebook(root / "nb7.ipynb", [
-        f"%load_ext nbllm\nlm = %llm load {model_dir / 'llama'}",
-        f"%%llm --probs -n 40 -t 0.8 --seed {seed}\n{PROMPT}",
-        "%%llm --step -t 0\nStep with me",
-    ])
+    write_notebook(
+        root / "demo.ipynb",
+        [
+            f"%load_ext nbllm\nlm = %llm load {model_dir / 'llama'}\nlm",
+            f"%%llm --probs -n {N_TOKENS} -t 0.8 --seed {seed} -o out\n{PROMPT}",
+            "%%llm --step -t 0\nStep with me",
+            "from nbllm.widgets import ChatWidget\neos = next(iter(lm.tokenizer.eos_token_ids))\n"
+            "chat = ChatWidget(lm, max_tokens=100_000, logit_bias={eos: -1e9})\nchat",
+            "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history), s.generated_tokens)",
+        ],
+    )
+    write_notebook(
+        root / "nb7.ipynb",
+        [
+            f"%load_ext nbllm\nlm = %llm load {model_dir / 'llama'}",
+            f"%%llm --probs -n 40 -t 0.8 --seed {seed}\n{PROMPT}",
+            "%%llm --step -t 0\nStep with me",
+        ],
+    )
     server = start_lab(home, root)
     try:
         yield server

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_tokenizer", "make_model", "sample_corpus"]
 
@@ -25,14 +26,87 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-_WORDS = (
-    "the a of to and in is was for on with as by at from that this it be are "
-    "model token cache prompt sample logit probability temperature capital "
-    "France Paris Italy Rome Spain Madrid Japan Tokyo river mountain city "
-    "red green blue yellow cat dog bird sings barks meows apple banana "
-    "café naïve über 東京 смысл 🙂 {\"name\": \"value\", \"n\": 42} [1, 2, 3] "
-    "Hello world! How are you? I am fine, thank you. What is the answer?"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "it",
+    "be",
+    "are",
+    "model",
+    "token",
+    "cache",
+    "prompt",
+    "sample",
+    "logit",
+    "probability",
+    "temperature",
+    "capital",
+    "France",
+    "Paris",
+    "Italy",
+    "Rome",
+    "Spain",
+    "Madrid",
+    "Japan",
+    "Tokyo",
+    "river",
+    "mountain",
+    "city",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "cat",
+    "dog",
+    "bird",
+    "sings",
+    "barks",
+    "meows",
+    "apple",
+    "banana",
+    "café",
+    "naïve",
+    "über",
+    "東京",
+    "смысл",
+    "🙂",
+    '{"name":',
+    '"value",',
+    '"n":',
+    "42}",
+    "[1,",
+    "2,",
+    "3]",
+    "Hello",
+    "world!",
+    "How",
+    "are",
+    "you?",
+    "I",
+    "am",
+    "fine,",
+    "thank",
+    "you.",
+    "What",
+    "is",
+    "the",
+    "answer?",
+]
 
 # Small shapes: a forward pass costs well under a millisecond of compute, so
 # tests exercise the real code paths in seconds.

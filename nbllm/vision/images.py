@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_image", "image_digest", "describe_source", "as_list", "parse_content", "text_of", "format_messages",
-           "drop_images", "MissingImages"]
+__all__ = ["load_image", "image_digest", "describe_source", "parse_content", "text_of", "format_messages"]
 
 _URL_TIMEOUT = 10.0
 
@@ -65,6 +64,10 @@ def load_image(source: Any) -> Any:
         image = _from_array(source)
     else:
         raise TypeError(f"image: expected a path, URL, PIL image, numpy array or bytes, got {type(source).__name__}")
+    if 0 in image.size:
+        raise ValueError(
+            f"image: expected an image at least 1 pixel wide and high, got {image.size[0]}x{image.size[1]}"
+        )
     image = ImageOps.exif_transpose(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -131,7 +134,9 @@ def _open_bytes(data: bytes, source: Any) -> Any:
         image.load()  # decode now, so truncated files fail here rather than later
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise ValueError(f"image: could not decode {describe_source(source)} as an image (corrupt or not an image?): {first}") from None
+        raise ValueError(
+            f"image: could not decode {describe_source(source)} as an image (corrupt or not an image?): {first}"
+        ) from None
     return image
 
 
@@ -149,7 +154,9 @@ def _from_array(array: Any) -> Any:
     elif np.issubdtype(data.dtype, np.floating) or data.dtype == np.bool_:
         values = data.astype(np.float32)
         if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
-            raise ValueError(f"image: expected float pixels in [0, 1], got values in [{values.min():.3g}, {values.max():.3g}]")
+            raise ValueError(
+                f"image: expected float pixels in [0, 1], got values in [{values.min():.3g}, {values.max():.3g}]"
+            )
         pixels = (values * 255.0 + 0.5).astype(np.uint8)
     elif np.issubdtype(data.dtype, np.integer):
         if data.min() < 0 or data.max() > 255:
@@ -186,28 +193,6 @@ def text_of(parts: list[dict[str, Any]]) -> str:
     return " ".join(p["text"] for p in parts if p.get("type") == "text" and p.get("text"))
 
 
-def as_list(images: Any) -> list[Any]:
-    """``None`` -> ``[]``, one image -> ``[image]``, a list or tuple -> a list."""
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-class MissingImages(Exception):
-    """Image parts in chat messages still waiting for their images."""
-
-    def __init__(self, count: int):
-        super().__init__(count)
-        self.count = count
-
-
-def drop_images(content: Any) -> Any:
-    """Message content without its image parts."""
-    if not isinstance(content, (list, tuple)):
-        return content
-    return [p for p in content if not (isinstance(p, dict) and p.get("type") in ("image", "image_url", "input_image"))]
-
-
 def format_messages(model_type: str, messages: list[dict[str, Any]], extra: list[Any]) -> tuple[list[Any], list[Any]]:
     """Chat messages in mlx-vlm's per-model format, and the image sources in placeholder order.
 
@@ -224,7 +209,7 @@ def format_messages(model_type: str, messages: list[dict[str, Any]], extra: list
         The formatted messages (for the chat template) and the image sources.
 
     Raises:
-        MissingImages: Image parts without an image and no ``extra`` to fill them.
+        ValueError: Image parts without an image and not as many ``extra`` images to fill them.
     """
     from mlx_vlm.prompt_utils import MODEL_CONFIG, get_message_json
 
@@ -232,10 +217,12 @@ def format_messages(model_type: str, messages: list[dict[str, Any]], extra: list
     n_parts = sum(len(srcs) for _, srcs in parsed)
     if n_parts:
         blanks = [i for _, srcs in parsed for i, s in enumerate(srcs) if s is None]
-        if blanks and not extra:  # images may still come with prepare_inputs(ids, images)
-            raise MissingImages(len(blanks))
+        if extra and not blanks:
+            raise ValueError("images: pass images either inside the chat messages or with images=, not both")
         if len(blanks) != len(extra):
-            raise ValueError(f"images: the messages have {len(blanks)} image part(s) without an image, expected as many images=, got {len(extra)}")
+            raise ValueError(
+                f"images: the messages have {len(blanks)} image part(s) without an image, expected as many images=, got {len(extra)}"
+            )
         fill = iter(extra)
         parsed = [(c, [next(fill) if s is None else s for s in srcs]) for c, srcs in parsed]
     first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
@@ -256,5 +243,9 @@ def format_messages(model_type: str, messages: list[dict[str, Any]], extra: list
         if model_type not in MODEL_CONFIG:
             formatted.append({**message, "content": content if isinstance(content, str) else text_of(content)})
             continue
-        formatted.append(get_message_json(model_type, content, role, skip_image_token=not srcs, num_images=0 if n_parts else len(srcs)))
+        formatted.append(
+            get_message_json(
+                model_type, content, role, skip_image_token=not srcs, num_images=0 if n_parts else len(srcs)
+            )
+        )
     return formatted, sources
