@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from .decode import TextAssembler, describe, piece_of
@@ -20,6 +21,17 @@ from .request import make_request
 from .tokens import Completion, Stats, Token
 
 __all__ = ["TokenStream", "stream", "generate", "check_prompt_cache"]
+
+
+@dataclass
+class _State:
+    """What a stream and its loop share (the loop holds no reference to the stream, so a stream
+    nobody holds is freed, and its cache released, at once)."""
+
+    stats: Stats
+    tokens: list[Token] = field(default_factory=list)
+    cancelled: bool = False
+    ended: str | None = None
 
 
 class TokenStream:
@@ -39,16 +51,24 @@ class TokenStream:
 
     def __init__(self, lm: ModelHandle, request: Request, prompt_cache: Any = None):
         self.request, self.prompt = request, request.prompt
-        self.stats = Stats(prompt_tokens=len(request.prompt))
-        self.tokens: list[Token] = []
+        self._state = _State(Stats(prompt_tokens=len(request.prompt)))
         self._lm = lm
         self._run = lm.engine.start(request, prompt_cache, owner=self)
         self.constraint = self._run.constraint
         self._lock = threading.Lock()  # held while a token is being produced
         self._thread: int | None = None
-        self._cancelled = self._close_requested = False
-        self._ended: str | None = None
+        self._close_requested = False
         self._it: Any = None
+
+    @property
+    def stats(self) -> Stats:
+        """Figures of this generation, updated as it runs."""
+        return self._state.stats
+
+    @property
+    def tokens(self) -> list[Token]:
+        """The token records produced so far."""
+        return self._state.tokens
 
     # -- iteration ---------------------------------------------------------------
     def __iter__(self) -> TokenStream:
@@ -62,79 +82,23 @@ class TokenStream:
         try:
             self._thread = threading.get_ident()
             if self._it is None:
-                if self._ended is not None:
+                if self._state.ended is not None:
                     raise StopIteration
-                self._it = self._loop()
+                self._it = _loop(self._run, self.request, self._lm, self._state)
             return next(self._it)
         finally:
             self._lock.release()
             if self._close_requested:
                 self.close()
 
-    def _loop(self) -> Any:
-        request, lm = self.request, self._lm
-        tokenizer, params, k = lm.tokenizer, request.params, request.top_logprobs
-        text = TextAssembler(tokenizer, request.stop, continuation=self.prompt.continuation)
-        eos, stats = tokenizer.eos_token_ids, self.stats
-        tic, first = time.perf_counter(), 0.0
-        steps = self._run.generate(lambda: self._cancelled)
-        try:
-            for n, step in enumerate(steps):
-                if n == 0:
-                    first = time.perf_counter()
-                    stats.cached_tokens = self._run.cached_tokens
-                    stats.time_to_first_token = first - tic
-                    stats.prompt_tps = (len(self.prompt) - stats.cached_tokens) / max(first - tic, 1e-9)
-                finish, piece = self._finish(step.token in eos, text, step.token, n)
-                token = _record(step, n, piece, finish, lm, params, k)
-                stats.generated_tokens = n + 1
-                if n > 0:
-                    stats.generation_tps = n / (time.perf_counter() - first)
-                self.tokens.append(token)
-                yield token
-                if finish is not None:
-                    break
-        except Cancelled:
-            self._ended = "cancelled"
-        except GeneratorExit:
-            self._ended = "cancelled"
-            raise
-        except KeyboardInterrupt:
-            self._ended = "interrupted"
-            raise
-        except BaseException:
-            self._ended = "error"
-            raise
-        finally:
-            steps.close()
-            self._run.close()
-            if self._ended is None and (not self.tokens or self.tokens[-1].finish_reason is None):
-                self._ended = "cancelled"
-            stats.peak_memory_gb = _peak_memory_gb()
-
-    def _finish(self, is_eos: bool, text: TextAssembler, token: int, n: int) -> tuple[str | None, str]:
-        piece = "" if is_eos else text.add(token)
-        finish = None
-        if is_eos:
-            finish = "stop"
-        elif text.stopped:
-            finish = "stop_string"
-        elif n + 1 == self.request.max_tokens:
-            finish = "length"
-        elif self._cancelled:
-            finish = "cancelled"
-        if finish is not None and finish != "stop_string":
-            piece += text.flush()
-        return finish, piece
-
     # -- control -----------------------------------------------------------------
     def cancel(self) -> None:
         """End after the current token (``finish_reason='cancelled'``); safe from any thread."""
-        self._cancelled = True
+        self._state.cancelled = True
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled
+        return self._state.cancelled
 
     def close(self) -> None:
         """End now and release the model state (a prompt cache keeps what it covers).
@@ -143,15 +107,15 @@ class TokenStream:
         token being produced.
         """
         if not self._lock.acquire(blocking=False):
-            self._close_requested = self._cancelled = True
+            self._close_requested = self._state.cancelled = True
             return
         try:
             self._close_requested = False
             if self._it is not None:
                 self._it.close()
-            elif self._ended is None:
+            elif self._state.ended is None:
                 self._run.close()
-                self._ended = "cancelled"
+                self._state.ended = "cancelled"
         finally:
             self._lock.release()
 
@@ -177,7 +141,7 @@ class TokenStream:
         """How the stream ended (``None`` while it runs)."""
         if self.tokens and self.tokens[-1].finish_reason:
             return self.tokens[-1].finish_reason
-        return self._ended
+        return self._state.ended
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -204,6 +168,66 @@ class TokenStream:
 
     def __repr__(self) -> str:
         return f"TokenStream({len(self.prompt)} prompt tokens, {len(self.tokens)} generated, finish_reason={self.finish_reason!r})"
+
+
+def _loop(run: Any, request: Request, lm: ModelHandle, state: _State) -> Any:
+    """The token loop: engine steps in, ``Token`` records out, until a finish reason."""
+    tokenizer, params, k = lm.tokenizer, request.params, request.top_logprobs
+    text = TextAssembler(tokenizer, request.stop, continuation=request.prompt.continuation)
+    eos, stats = tokenizer.eos_token_ids, state.stats
+    tic, first = time.perf_counter(), 0.0
+    steps = run.generate(lambda: state.cancelled)
+    try:
+        for n, step in enumerate(steps):
+            if n == 0:
+                first = time.perf_counter()
+                stats.cached_tokens = run.cached_tokens
+                stats.time_to_first_token = first - tic
+                stats.prompt_tps = (len(request.prompt) - stats.cached_tokens) / max(first - tic, 1e-9)
+            finish, piece = _finish(step.token in eos, text, step.token, n, request.max_tokens, state.cancelled)
+            token = _record(step, n, piece, finish, lm, params, k)
+            stats.generated_tokens = n + 1
+            if n > 0:
+                stats.generation_tps = n / (time.perf_counter() - first)
+            state.tokens.append(token)
+            yield token
+            if finish is not None:
+                break
+    except (Cancelled, GeneratorExit) as err:
+        state.ended = "cancelled"
+        if isinstance(err, GeneratorExit):
+            raise
+    except KeyboardInterrupt:
+        state.ended = "interrupted"
+        raise
+    except BaseException:
+        state.ended = "error"
+        raise
+    finally:
+        steps.close()
+        run.close()
+        if state.ended is None and (not state.tokens or state.tokens[-1].finish_reason is None):
+            state.ended = "cancelled"
+        stats.peak_memory_gb = _peak_memory_gb()
+
+
+def _finish(
+    is_eos: bool, text: TextAssembler, token: int, n: int, max_tokens: int, cancelled: bool
+) -> tuple[str | None, str]:
+    """The finish reason at token ``n`` (or ``None``) and the text this token releases."""
+    piece = "" if is_eos else text.add(token)
+    finish = None
+    if is_eos:
+        finish = "stop"
+    elif text.stopped:
+        finish = "stop_string"
+    elif n + 1 == max_tokens:
+        finish = "length"
+    elif cancelled:
+        finish = "cancelled"
+    if finish is not None and finish != "stop_string":
+        piece += text.flush()
+    return finish, piece
 
 
 def _record(step: Step, n: int, text: str, finish: str | None, lm: ModelHandle, params: Any, k: int) -> Token:

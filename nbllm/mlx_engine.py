@@ -18,6 +18,7 @@ tokens its layers cover, whatever happens (an error, an interrupt, a cancel).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Generator
 from typing import Any, cast
 
@@ -79,7 +80,8 @@ class MLXRun:
         self.engine, self.request, self.prompt = engine, request, request.prompt
         self.constraint = request.constraint.fresh() if request.constraint is not None else None
         self.cached_tokens = 0
-        self._cache, self._owner = cache, owner
+        self._cache = cache
+        self._owner = weakref.ref(owner) if owner is not None else None  # no cycle: a dropped stream is freed at once
         self._shared = cache is not None and hasattr(cache, "prepare")
         self._leased = False
         self._layers: list[Any] | None = None
@@ -227,7 +229,7 @@ class MLXRun:
     def _open(self) -> tuple[list[Any], int]:
         cache, prompt = self._cache, self.prompt
         if self._shared:
-            layers, reused = cache.prepare(prompt.ids, prompt.media, owner=self._owner)
+            layers, reused = cache.prepare(prompt.ids, prompt.media, owner=self._owner() if self._owner else None)
             self._leased = True
         elif cache is not None:  # mlx-lm cache layers given as they are
             layers, reused = list(cache), 0
