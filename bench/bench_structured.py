@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nbllm
+import nbllm  # first: fast BLAS before mlx.core
 
 # "tiny" = the test fixture shape (the mask is a large share of a step: worst case);
 # "small" = the core bench shape (a step costs milliseconds, like a small real model).

@@ -9,10 +9,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import nbllm
-from nbllm.testing import make_model
+import nbllm  # first: it loads the fast BLAS, which must happen before mlx.core is imported
+from nbllm.testing import make_image, make_model, make_vision_model
 
 ARCHS = ["llama", "qwen3", "gemma3"]
+VISION_ARCHS = ["qwen2_vl", "gemma3"]
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,20 @@ def lm(model_dir: Path) -> nbllm.LM:
 def any_lm(request: pytest.FixtureRequest, model_dir: Path) -> nbllm.LM:
     """Each fixture architecture in turn."""
     return nbllm.load(model_dir / request.param)
+
+
+@pytest.fixture(scope="session")
+def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vision")
+    for arch in VISION_ARCHS:
+        make_vision_model(root / arch, arch)
+    make_image(64, 48, seed=0).save(root / "a.png")
+    make_image(80, 56, seed=3).save(root / "b.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def qwen(vision_dir: Path) -> nbllm.VisionLM:
+    lm = nbllm.load(vision_dir / "qwen2_vl")
+    assert isinstance(lm, nbllm.VisionLM)
+    return lm

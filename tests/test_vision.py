@@ -26,26 +26,9 @@ ARCHS = ["qwen2_vl", "gemma3"]
 QUESTION = "What is in this picture?"
 
 
-@pytest.fixture(scope="session")
-def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vision")
-    for arch in ARCHS:
-        make_vision_model(root / arch, arch)
-    make_image(64, 48, seed=0).save(root / "a.png")
-    make_image(80, 56, seed=3).save(root / "b.png")
-    return root
-
-
 @pytest.fixture(scope="session", params=ARCHS)
 def vlm(request: pytest.FixtureRequest, vision_dir: Path) -> VisionLM:
     lm = nbllm.load(vision_dir / request.param)
-    assert isinstance(lm, VisionLM)
-    return lm
-
-
-@pytest.fixture(scope="session")
-def qwen(vision_dir: Path) -> VisionLM:
-    lm = nbllm.load(vision_dir / "qwen2_vl")
     assert isinstance(lm, VisionLM)
     return lm
 
