@@ -142,7 +142,9 @@ def test_a_failed_chat_turn_changes_nothing(lm: nbllm.LM, stage: str) -> None:
         if stage == "validation":
             chat.send("Hi", temperature=-1)
         else:
-            chat.send("Hi", logits_processors=[fail_at(1 if stage == "prefill" else 4)], logit_bias=no_eos(lm)).completion()
+            chat.send(
+                "Hi", logits_processors=[fail_at(1 if stage == "prefill" else 4)], logit_bias=no_eos(lm)
+            ).completion()
     assert chat.to_json() == before
     twin = Chat.from_json(lm, before, max_tokens=8)
     assert [t.id for t in chat.send("Hi")] == [t.id for t in twin.send("Hi")]
@@ -410,7 +412,9 @@ def test_text_the_tokenizer_cannot_encode_names_the_position(lm: nbllm.LM) -> No
         (lambda d: (d / "tokenizer.json").write_text('{"model": 3}'), "could not read the tokenizer (tokenizer.json)"),
     ],
 )
-def test_a_broken_tokenizer_file_is_named_in_one_line(model_dir: Path, tmp_path: Path, damage: Any, message: str) -> None:
+def test_a_broken_tokenizer_file_is_named_in_one_line(
+    model_dir: Path, tmp_path: Path, damage: Any, message: str
+) -> None:
     import shutil
 
     folder = tmp_path / "m"
@@ -459,8 +463,14 @@ def test_chat_from_json_fuzz(lm: nbllm.LM) -> None:
     from hypothesis import strategies as st
 
     leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
-    values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12)
-    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "x"]), "content": values}), max_size=4)
+    values = st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=12,
+    )
+    messages = st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "x"]), "content": values}), max_size=4
+    )
     docs = st.fixed_dictionaries({"format": st.just("nbllm-chat/1"), "system": values, "messages": messages | values})
 
     @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
@@ -494,7 +504,9 @@ def test_the_cache_fingerprint_covers_every_weight(lm: nbllm.LM, tmp_path: Path)
         with pytest.raises(ValueError, match="made with another model"):
             PromptCache.load(other, path)
         twin.model.load_weights([(name, value)], strict=False)
-    assert PromptCache.load(nbllm.LM(twin.model, twin.tokenizer, twin.config, twin.name, twin.path), path).ids == cache.ids
+    assert (
+        PromptCache.load(nbllm.LM(twin.model, twin.tokenizer, twin.config, twin.name, twin.path), path).ids == cache.ids
+    )
 
 
 @pytest.mark.parametrize("how", ["cancel", "interrupt"])
@@ -521,7 +533,9 @@ def test_a_long_prefill_stops_within_one_chunk(lm: nbllm.LM, how: str) -> None:
             list(ts)
     assert chunks[-1] <= 32 + 16 and not cache.busy
     assert cache.ids == prompt[: len(cache.ids)] and len(cache.ids) in (32, 48)
-    assert [t.id for t in lm.stream(prompt, prompt_cache=cache, max_tokens=4)] == [t.id for t in lm.stream(prompt, max_tokens=4)]
+    assert [t.id for t in lm.stream(prompt, prompt_cache=cache, max_tokens=4)] == [
+        t.id for t in lm.stream(prompt, max_tokens=4)
+    ]
 
 
 def test_a_stepper_prefill_can_be_interrupted(lm: nbllm.LM) -> None:
