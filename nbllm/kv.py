@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["bounded", "trim_ahead", "snapshot", "restore", "head_dim"]
+__all__ = ["bounded", "trim_ahead", "settle", "snapshot", "restore", "head_dim"]
 
 
 def bounded(layers: list[Any], max_kv_size: int | None, kv_bits: int | None, kv_group_size: int) -> list[Any]:
@@ -49,6 +49,18 @@ def trim_ahead(layers: list[Any], n: int) -> bool:
     for c in ahead:
         c.trim(c.offset - n)
     return True
+
+
+def settle(layers: list[Any]) -> None:
+    """Evaluate whatever work is still pending in ``layers``, on the calling thread.
+
+    A step that failed midway leaves lazily built keys and values scheduled on
+    this thread's stream; MLX ties streams to threads, so once this thread is
+    gone (a chat widget's worker) no other thread could evaluate them.
+    """
+    import mlx.core as mx
+
+    mx.eval([c.state for c in layers])
 
 
 def snapshot(layers: list[Any]) -> list[Any] | None:

@@ -575,3 +575,124 @@ def test_a_200_turn_chat_keeps_memory_bounded(lm: nbllm.LM) -> None:
     # Python memory grows only with the transcript itself (600 short messages), not with the turns' machinery.
     assert py200 - py50 < 3e6, (py50, py200)
     assert len(chat.history) == 400 and chat.last_stats is not None and chat.last_stats.dropped_messages > 0
+
+
+# -- 7. the notebook layer ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shell(model_dir: Path) -> Any:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbllm")
+    sh.run_line_magic("llm", f"load {model_dir / 'llama'}")
+    sh.run_line_magic("config", "LLMMagics.max_tokens = 3")
+    yield sh
+    sh.run_line_magic("unload_ext", "nbllm")
+
+
+def test_magic_flags_fuzz_gives_only_usage_errors(shell: Any, capsys: pytest.CaptureFixture) -> None:
+    """Random %%llm / %llm argument strings: each one works or is a one-line UsageError, nothing else."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+    from IPython.core.error import UsageError
+
+    words = st.text(alphabet=st.characters(blacklist_characters="{}$\x00", blacklist_categories=("Cs",)), max_size=8)
+    numbers = st.sampled_from(
+        ["0", "-1", "1", "2", "3", "0.5", "1.5", "nan", "inf", "-inf", "1e309", "x", "", str(2**70)]
+    )
+    flags = st.sampled_from(
+        [
+            "-t",
+            "--top-k",
+            "--top-p",
+            "--min-p",
+            "-n",
+            "--seed",
+            "-s",
+            "--stop",
+            "--schema",
+            "--regex",
+            "--choices",
+            "--image",
+            "-o",
+            "-m",
+            "--raw",
+            "--json",
+            "--chat",
+            "--probs",
+            "--step",
+            "-h",
+            "--bogus",
+            "--",
+            "'",
+            '"',
+        ]
+    )
+    parts = st.lists(st.one_of(flags, numbers, words), max_size=6)
+    bodies = st.sampled_from(["Hello there", "", "   ", "x" * 50, "ünïcode ☃", "a\nb"])
+    actions = st.sampled_from(["", "info", "load", "use", "list", "unload", "chat", "reset", "help", "dance", "--help"])
+    llm = next(c for c in shell.configurables if type(c).__name__ == "LLMMagics")
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+    @hypothesis.given(parts, bodies, actions, parts)
+    def check(cell_parts: list[str], body: str, action: str, line_parts: list[str]) -> None:
+        models = dict(llm.models)
+        for run in (
+            lambda: shell.run_cell_magic("llm", " ".join(cell_parts), body),
+            lambda: shell.run_line_magic("llm", " ".join([action, *line_parts])),
+        ):
+            try:
+                run()
+            except UsageError as err:
+                assert "\n" not in str(err).strip()
+            finally:
+                capsys.readouterr()
+            # A failed load or unload leaves the registry of loaded models as it was (or one model more, loaded).
+            assert set(models) <= set(llm.models) or action == "unload"
+        llm.models.update({k: v for k, v in models.items() if k not in llm.models})
+        llm.current = next(iter(models))
+
+    check()
+
+
+def test_a_failed_load_leaves_the_magics_registry_as_it_was(shell: Any) -> None:
+    from IPython.core.error import UsageError
+
+    llm = next(c for c in shell.configurables if type(c).__name__ == "LLMMagics")
+    before, current = dict(llm.models), llm.current
+    for target in ("/no/such/model", "nobody/nothing-offline", str(Path(__file__))):
+        with pytest.raises(UsageError):
+            shell.run_line_magic("llm", f"load {target}")
+        with pytest.raises(UsageError):
+            shell.run_cell_magic("llm", f"-m {target}", "Hi")
+        assert llm.models == before and llm.current == current
+
+
+def test_chat_widget_survives_an_error_while_generating(lm: nbllm.LM) -> None:
+    from nbllm.widgets import ChatWidget
+
+    w = ChatWidget(lm, max_tokens=6, logit_bias=no_eos(lm))
+    w.send("Hello there")
+    assert w.wait(30)
+    before = w.chat.to_json()
+    w.chat.settings["logits_processors"] = [fail_at(3)]
+    w.send("Tell me more")
+    assert w.wait(30) and not w.busy and "Boom" in w.status and not w.chat.cache.busy
+    assert w.chat.to_json() == before  # the failed turn left no trace
+    del w.chat.settings["logits_processors"]
+    w.send("Tell me more")
+    assert w.wait(30) and len(w.chat.history) == 4
+    twin = Chat.from_json(lm, before, max_tokens=6, logit_bias=no_eos(lm))
+    assert w.chat.history[-1]["content"] == twin.send("Tell me more").text
+
+
+def test_stepper_widget_survives_an_error_in_a_move(lm: nbllm.LM) -> None:
+    from nbllm.widgets import StepperWidget
+
+    st = lm.stepper(PROMPT, logit_bias=no_eos(lm), logits_processors=[fail_at(4)])
+    w = StepperWidget(st)
+    w.next_n_button.click()  # the third token's step fails: the click shows it, the stepper keeps two tokens
+    assert "injected" in w.status and w.n_tokens == 2
+    w.next_n(5)
+    ref = lm.stepper(PROMPT, logit_bias=no_eos(lm))
+    assert [t.id for t in st.tokens] == [ref.step().id for _ in range(7)]

@@ -80,7 +80,7 @@ class StepperWidget(widgets.VBox):
 
     # -- moves (an error shows in the status line and is raised; a click only shows it) --
     def _click(self, move: Any) -> None:
-        with contextlib.suppress(ValueError, RuntimeError):  # already in the status line
+        with contextlib.suppress(Exception):  # a click has no cell to raise into: the status line shows it
             move()
 
     def next(self) -> None:
@@ -134,8 +134,9 @@ class StepperWidget(widgets.VBox):
     def _guard(self, move: Any, redraw: bool = True) -> None:
         try:
             move()
-        except (ValueError, RuntimeError) as err:
-            self.status = str(err)
+        except Exception as err:
+            user = isinstance(err, (ValueError, RuntimeError))  # a bad move says so; anything else names its type
+            self.status = str(err) if user else f"{type(err).__name__}: {err}"
             if redraw:
                 self.redraw()
             raise
