@@ -327,13 +327,19 @@ class Chat:
         return reply
 
     def _fit(self, base: list[Message], user: Message, max_tokens: int) -> tuple[int, Prompt]:
-        """Leave out the oldest exchanges until the prompt leaves room for a reply; (messages left out, prompt)."""
+        """Leave out the oldest exchanges when the prompt leaves no room for a reply; (messages left out, prompt).
+
+        Once over the budget, exchanges go until the prompt is half of it: the
+        prompt's start then stays put for the next turns, so they reuse the cache
+        (dropping one exchange a turn would change the prefix, and re-run it, every turn).
+        """
         limits = [n for n in (self.lm.context_length, self.cache.max_kv_size) if n]
         start = min(self._start_at, len(base))
         prompt = self._encode(base[start:] + [user], generation=True)
         if limits:
             budget = min(limits) - min(max_tokens, min(limits) // 4)
-            while start < len(base) and len(prompt) > budget:
+            target = budget if len(prompt) <= budget else budget // 2
+            while start < len(base) and len(prompt) > target:
                 start += 2  # whole exchanges, so the prompt still starts with a user turn
                 prompt = self._encode(base[start:] + [user], generation=True)
         return start, prompt

@@ -390,6 +390,12 @@ def test_chat_drops_the_oldest_exchanges_to_fit_and_keeps_the_system_message(lm:
     text = lm.decode(chat.send("Last one").prompt_ids)
     assert text.startswith("<|im_start|>system\nSYSTEM RULES") and "Message number 0 " not in text
     assert "Message number 11 " in text
+    # Between drops the prompt's start stays put, so most turns reuse the whole previous context.
+    reused = []
+    for i in range(12, 36):
+        chat.send(f"Message number {i} with some words in it").completion()
+        reused.append(chat.last_stats.reuse_rate)
+    assert sum(r == 1.0 for r in reused) >= len(reused) // 2, reused
 
 
 def test_text_the_tokenizer_cannot_encode_names_the_position(lm: nbllm.LM) -> None:
