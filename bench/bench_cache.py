@@ -9,6 +9,8 @@ Rows:
   * prefix reuse across a 20-turn scripted chat: share of the previous context
     reused each turn, target >= 95% every turn
   * KV bytes held after 200 short turns with max_kv_size set (bounded) vs unset
+  * the prompt-cache file fingerprint (a digest of every weight) on a model of
+    SmolLM2-135M's shape in fp32: seconds, once per loaded model
 Model: a generated 25M-param llama (big enough that prefill dominates); pass
 ``--model default`` for the embedded default model or ``--model PATH`` for any other.
 """
@@ -23,19 +25,12 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
-BENCH_SHAPE = {
-    "hidden_size": 512,
-    "num_hidden_layers": 8,
-    "intermediate_size": 1536,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-}
 
 
 def pick_model(arg: str | None, tmp: Path) -> Any:
     import nbllm
-    from nbllm.model import DEFAULT_MODEL_PATH
-    from nbllm.testing import make_model
+    from nbllm.loading import DEFAULT_MODEL_PATH
+    from nbllm.testing import BENCH_SHAPE, make_model
 
     if arg == "default":
         if not (DEFAULT_MODEL_PATH / "config.json").exists():
@@ -57,7 +52,7 @@ def history_of(lm: Any, n_tokens: int) -> list[dict[str, str]]:
     """Scripted user/assistant exchanges; all but the last reply render to at least ``n_tokens``."""
     texts = scripted(400, seed=2)
     msgs: list[dict[str, str]] = []
-    while len(lm.encode(msgs[:-1], system=SYSTEM) if msgs else []) < n_tokens:
+    while (len(lm.encode(msgs[:-1], system=SYSTEM)) if msgs else 0) < n_tokens:
         k = len(msgs)
         msgs += [
             {"role": "user", "content": texts[k]},
@@ -142,6 +137,43 @@ def memory(lm: Any, turns: int, max_kv_size: int | None) -> dict[str, Any]:
     return {"marks": marks, "context": s.prompt_tokens, "ttft": s.time_to_first_token, "reuse": s.reuse_rate}
 
 
+def fingerprint_seconds() -> tuple[float, float, int]:
+    """Seconds to fingerprint a SmolLM2-135M-shaped fp32 llama (random weights), first and second call."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from nbllm.cache_file import model_fingerprint
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    }
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+
+    class Handle:  # what the fingerprint reads of a loaded model
+        pass
+
+    lm = Handle()
+    lm.model, lm.config = model, config  # type: ignore[attr-defined]
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    t = time.perf_counter()
+    model_fingerprint(lm)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    model_fingerprint(lm)
+    return first, time.perf_counter() - t, params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -159,6 +191,7 @@ def main() -> None:
         r = reuse(lm, turns)
         bounded = memory(lm, long_turns, args.max_kv_size)
         unbounded = memory(lm, long_turns, None)
+    fp_first, fp_again, fp_params = fingerprint_seconds()
     print(
         f"\nnbllm prompt cache benchmark · model {lm.name} ({lm.info.parameters / 1e6:.1f}M params, {lm.info.dtype}) · median of {repeats}\n"
     )
@@ -174,6 +207,13 @@ def main() -> None:
         ("same first token warm and cold", "yes" if t["same"] else "NO", "", "yes"),
         (f"prefix reuse per turn, {turns}-turn chat: min", f"{r['min']:.1%}", "", ">= 95%"),
         (f"prefix reuse per turn, {turns}-turn chat: mean", f"{r['mean']:.1%}", "", ""),
+        (
+            f"cache fingerprint, every weight of {fp_params / 1e6:.0f}M fp32 params (s)",
+            f"{fp_first:.2f}",
+            "",
+            "once per model",
+        ),
+        ("  again, same loaded model (s)", f"{fp_again:.4f}", "", ""),
     ]
     for label, m in ((f"max_kv_size={args.max_kv_size}", bounded), ("unbounded", unbounded)):
         for turn, nbytes in m["marks"].items():

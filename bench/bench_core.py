@@ -23,18 +23,9 @@ from pathlib import Path
 
 import nbllm  # first: it loads the fast BLAS before mlx.core
 
-# A model big enough that compute, not Python, dominates a decode step.
-BENCH_SHAPE = {
-    "hidden_size": 512,
-    "num_hidden_layers": 8,
-    "intermediate_size": 1536,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-}
-
 
 def bench_model(root: Path) -> Path:
-    from nbllm.testing import make_model
+    from nbllm.testing import BENCH_SHAPE, make_model
 
     return make_model(root / "bench-llama", "llama", overrides=BENCH_SHAPE)
 
@@ -52,7 +43,7 @@ def decode_rates(path: Path, prompt_len: int, n: int, repeats: int) -> dict[str,
     import mlx_lm
 
     lm = nbllm.load(path)
-    ids = (lm.encode("The quick brown fox jumps over the lazy dog. ", raw=True) * 64)[:prompt_len]
+    ids = (list(lm.encode("The quick brown fox jumps over the lazy dog. ", raw=True).ids) * 64)[:prompt_len]
     eos = mx.array(sorted(lm.tokenizer.eos_token_ids))
 
     def no_eos(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -106,7 +97,7 @@ _BLAS_CHILD = r"""
 import json, sys, time
 import nbllm, mlx.core as mx
 lm = nbllm.load(sys.argv[1], dtype=None if sys.argv[4] == "keep" else "auto")
-ids = (lm.encode("The quick brown fox jumps over the lazy dog. ", raw=True) * 64)[:int(sys.argv[2])]
+ids = (list(lm.encode("The quick brown fox jumps over the lazy dog. ", raw=True).ids) * 64)[:int(sys.argv[2])]
 from mlx_lm.models.cache import make_prompt_cache
 def prefill():
     c = make_prompt_cache(lm.model); t = time.perf_counter()
@@ -147,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else bench_model(Path(tmp))
         r = decode_rates(path, prompt_len, n, repeats)
-        from nbllm.testing import make_model
+        from nbllm.testing import BENCH_SHAPE, make_model
 
         bf16 = make_model(Path(tmp) / "bench-llama-bf16", "llama", overrides=BENCH_SHAPE, dtype="bfloat16")
         b = blas_rates(path, bf16, prompt_len, n) if sys.platform.startswith("linux") else {}

@@ -9,7 +9,7 @@ Rows, per vocabulary (and per model shape):
   * compile time of a mid-size schema (cold, and from the per-tokenizer cache), tokenizer setup once,
     and outlines-core's index build for the same schema as a reference (first shape only)
 
-The fixture tokenizer (``nbllm.fixtures.make_model``) is trained on a few hundred
+The fixture tokenizer (``nbllm.testing.make_model``) is trained on a few hundred
 lines, which cannot reach 32K merges. ``big_vocab_model`` trains the same kind
 of byte-level BPE on a generated corpus of ~3M pseudo-words drawn Zipf-like from
 a 375K-word lexicon (syllable words, numbers, JSON snippets), so it reaches

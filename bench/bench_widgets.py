@@ -26,14 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-# Same shape as bench_core.py: compute, not Python, dominates a decode step.
-BENCH_SHAPE = {
-    "hidden_size": 512,
-    "num_hidden_layers": 8,
-    "intermediate_size": 1536,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-}
 PROMPT = "Tell me a story about a river and a city."
 
 
@@ -147,8 +139,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import nbllm  # noqa: F401  (fast BLAS before mlx)
-    from nbllm.model import DEFAULT_MODEL_PATH
-    from nbllm.testing import make_model
+    from nbllm.loading import DEFAULT_MODEL_PATH
+    from nbllm.testing import BENCH_SHAPE, make_model
 
     with tempfile.TemporaryDirectory() as tmp:
         chosen = set(args.models.split(","))

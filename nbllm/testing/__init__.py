@@ -6,7 +6,7 @@ model folder with a real byte-level BPE tokenizer; ``make_image`` draws a test
 picture; ``build_tokenizer`` trains and saves the tokenizer alone.
 """
 
-from .text import ARCHITECTURES, CHAT_TEMPLATE, build_tokenizer, make_model, sample_corpus
+from .text import ARCHITECTURES, BENCH_SHAPE, CHAT_TEMPLATE, build_tokenizer, make_model, sample_corpus
 from .vision import VISION_ARCHITECTURES, make_image, make_vision_model
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "build_tokenizer",
     "sample_corpus",
     "ARCHITECTURES",
+    "BENCH_SHAPE",
     "VISION_ARCHITECTURES",
     "CHAT_TEMPLATE",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_tokenizer", "make_model", "sample_corpus"]
+__all__ = ["ARCHITECTURES", "BENCH_SHAPE", "CHAT_TEMPLATE", "build_tokenizer", "make_model", "sample_corpus"]
 
 # ChatML, the template most small open models use; supports a system turn and
 # add_generation_prompt like real checkpoints do.
@@ -150,6 +150,16 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "sliding_window_pattern": 2,
         "max_position_embeddings": 4096,
     },
+}
+
+
+# A 25.7M-parameter llama: big enough that compute, not Python, dominates a decode step (benchmarks).
+BENCH_SHAPE: dict[str, Any] = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
 }
 
 
