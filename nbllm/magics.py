@@ -347,9 +347,9 @@ class LLMMagics(Magics):
 
 
 def _parse(magic: Any, line: str) -> Any:
-    """Parse flags with shell quoting (quotes removed, unlike IPython's own splitter)."""
+    """Parse flags with shell quoting (quotes removed, unlike IPython's own splitter); ``#`` starts a comment."""
     try:
-        argv = shlex.split(line)
+        argv = shlex.split(line, comments=True)
     except ValueError as err:
         raise UsageError(f"could not split the flags: {err}") from None
     return magic.parser.parse_args(argv)
