@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from .cache import PromptCache
-from .chat_prompt import ChatRenderer, Message, as_dict, same_text
+from .chat_prompt import ChatRenderer, Message, as_dict, check_message, parse_history, same_text
 from .engine import InUseError, ModelHandle
 from .generate import TokenStream
 from .progress import progress_bar
@@ -177,7 +177,7 @@ class Chat:
             prompt_cache if prompt_cache is not None else PromptCache(lm, max_kv_size=max_kv_size, kv_bits=kv_bits)
         )
         self._renderer = ChatRenderer(lm.tokenizer)
-        self._messages = _parse_history(history if history is not None else [], lm)
+        self._messages = parse_history(history if history is not None else [], lm)
         self._start_at = 0  # messages before this one no longer fit the prompt
         self._pending: ChatReply | None = None
         self._last: TurnStats | None = None
@@ -204,7 +204,7 @@ class Chat:
                 image, array or bytes. Later turns about them reuse the cache.
             **overrides: Settings for this reply only (as in the constructor).
         """
-        _check_message(text, "send")
+        check_message(text, "send")
         pictures = tuple(images) if isinstance(images, (list, tuple)) else (() if images is None else (images,))
         if pictures and not self.lm.is_vision:
             raise ValueError(f"images: {self.lm.name} is a text-only model; load a vision model to use images")
@@ -236,7 +236,7 @@ class Chat:
         """Replace the text of message ``i`` of ``history`` (later messages are kept)."""
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"edit: expected an integer index, got {type(i).__name__}")
-        _check_message(text, "edit")
+        check_message(text, "edit")
         with self._lock:
             self._settle()
             n = len(self._messages)
@@ -388,37 +388,3 @@ class Chat:
             return
         prompt = self._encode(self._messages[self._start_at :], generation=False)
         self.cache.trim_to(self.cache.common_prefix(prompt.ids))
-
-
-def _check_message(text: Any, where: str) -> None:
-    check_text(text, where)
-    if not text.strip():
-        raise ValueError(f"{where}: expected a non-empty message, got {text!r}")
-
-
-def _parse_history(history: Any, lm: ModelHandle) -> list[Message]:
-    if not isinstance(history, list):
-        raise ValueError(f"history: expected a list of message dicts, got {type(history).__name__}")
-    out: list[Message] = []
-    for i, m in enumerate(history):
-        role = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
-            raise ValueError(
-                f"history[{i}]: expected {{'role': '{role}', 'content': str}} (user/assistant alternating), got {m!r:.80}"
-            )
-        check_text(m["content"], f"history[{i}]")
-        ids = m.get("token_ids")
-        if ids is not None and (
-            role != "assistant"
-            or not isinstance(ids, list)
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < lm.vocab_size for t in ids)
-        ):
-            raise ValueError(
-                f"history[{i}]: expected token_ids only on assistant messages, as ids in [0, {lm.vocab_size})"
-            )
-        # Ids from another tokenizer would not spell the text: fall back to the text.
-        keep = ids is not None and same_text(lm.decode(ids), m["content"])
-        out.append(Message(role, m["content"], tuple(ids) if ids is not None and keep else None))
-    if len(out) % 2:
-        raise ValueError(f"history: expected complete user/assistant exchanges, got {len(out)} messages")
-    return out

@@ -1,4 +1,4 @@
-"""Chat tokenization: a conversation's token ids as the chat template renders it, replies as generated.
+"""Chat messages: parsing a history, and tokenization of a conversation as the chat template renders it.
 
 Re-tokenizing a reply's text does not always give back the tokens the model
 generated (BPE merges across what were separate steps), and then the cache
@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Message", "ChatRenderer", "as_dict", "same_text"]
+from .prompt import check_text
+
+__all__ = ["Message", "ChatRenderer", "as_dict", "same_text", "check_message", "parse_history"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,43 @@ def _template_dict(m: Message) -> dict[str, Any]:
     if not m.images:
         return as_dict(m)
     return {"role": m.role, "content": [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.content}]}
+
+
+def check_message(text: Any, where: str) -> None:
+    """A chat message: non-empty text the tokenizer can encode."""
+    check_text(text, where)
+    if not text.strip():
+        raise ValueError(f"{where}: expected a non-empty message, got {text!r}")
+
+
+def parse_history(history: Any, lm: Any) -> list[Message]:
+    """``{"role", "content"}`` dicts (user/assistant alternating, assistant ``token_ids`` optional) as messages.
+
+    Raises:
+        ValueError: Anything else (wrong types, roles out of turn, ids outside the vocabulary).
+    """
+    if not isinstance(history, list):
+        raise ValueError(f"history: expected a list of message dicts, got {type(history).__name__}")
+    out: list[Message] = []
+    for i, m in enumerate(history):
+        role = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"history[{i}]: expected {{'role': '{role}', 'content': str}} (user/assistant alternating), got {m!r:.80}"
+            )
+        check_text(m["content"], f"history[{i}]")
+        ids = m.get("token_ids")
+        if ids is not None and (
+            role != "assistant"
+            or not isinstance(ids, list)
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < lm.vocab_size for t in ids)
+        ):
+            raise ValueError(
+                f"history[{i}]: expected token_ids only on assistant messages, as ids in [0, {lm.vocab_size})"
+            )
+        # Ids from another tokenizer would not spell the text: fall back to the text.
+        keep = ids is not None and same_text(lm.decode(ids), m["content"])
+        out.append(Message(role, m["content"], tuple(ids) if ids is not None and keep else None))
+    if len(out) % 2:
+        raise ValueError(f"history: expected complete user/assistant exchanges, got {len(out)} messages")
+    return out

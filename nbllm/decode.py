@@ -144,7 +144,7 @@ def describe(
     # A numpy view of the evaluated vector: indexing it needs no new mlx work,
     # which would queue behind the step the engine has already started.
     lp = dist.numpy()
-    if lp is None:
+    if lp is None:  # only the top entries are known (a server's top_logprobs)
         top = tuple(Alternative(i, piece_of(tokenizer, i, memo), v) for i, v in dist.top(k))
         return dist.logprob(token_id), None, top
     if k <= 0:

@@ -49,10 +49,6 @@ class Prompt:
         """Whether the prompt went through a chat template (the reply starts fresh)."""
         return not self.continuation
 
-    @property
-    def has_images(self) -> bool:
-        return bool(self.media)
-
     def tail(self, n: int) -> Prompt:
         """The last ``n`` tokens only (a left-truncated prompt); refused when images would be cut."""
         if n >= len(self.ids):

@@ -9,7 +9,6 @@ about a millisecond), then the prompt (a vision prompt runs the vision tower).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from .engine import ModelHandle, Request
@@ -20,32 +19,24 @@ __all__ = [
     "make_request",
     "check_options",
     "STRUCTURED_KEYS",
-    "REQUEST_KEYS",
     "REPLY_KEYS",
     "TOP_LOGPROBS_MAX",
     "check_max_kv_size",
 ]
 
 STRUCTURED_KEYS = ("schema", "json", "regex", "choices", "grammar")
-# The keyword arguments make_request takes besides the sampling settings.
-REQUEST_KEYS = frozenset(
-    {
-        "max_tokens",
-        "top_logprobs",
-        "stop",
-        "system",
-        "raw",
-        "images",
-        "logits_processors",
-        "max_kv_size",
-        "prefill_step_size",
-        "progress",
-        "constraint",
-        "truncate",
-        *STRUCTURED_KEYS,
-    }
-)
 TOP_LOGPROBS_MAX = 100
+# Request fields taken from the keyword arguments as they are (None: the default).
+_FIXED = (
+    "max_tokens",
+    "top_logprobs",
+    "stop",
+    "logits_processors",
+    "max_kv_size",
+    "prefill_step_size",
+    "progress",
+    "constraint",
+)
 _MAX_TOKENS_MAX = 10_000_000
 
 
@@ -53,40 +44,31 @@ def make_request(
     lm: ModelHandle,
     prompt: Any,
     *,
-    max_tokens: int = 256,
-    top_logprobs: int = 0,
-    stop: str | Sequence[str] | None = None,
     system: str | None = None,
     raw: bool = False,
     images: Any = None,
-    logits_processors: Sequence[Callable[..., Any]] | None = None,
-    max_kv_size: int | None = None,
-    prefill_step_size: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    constraint: Any = None,
     truncate: bool = False,
-    **options: Any,
+    **settings: Any,
 ) -> Request:
     """Validate the arguments of a generation and encode its prompt.
 
     Args:
         lm: The model handle (its tokenizer, vocabulary and context).
         prompt: Text, chat messages, token ids, or a ``Prompt`` from ``lm.encode``.
-        max_tokens: Most tokens to generate, in ``[1, 10_000_000]``.
-        top_logprobs: Alternatives per token, in ``[0, min(100, vocab)]``.
-        stop: Stop string(s).
         system: System message (chat template only).
         raw: Plain completion, no chat template.
         images: Image(s) for a vision model.
-        logits_processors: Extra ``processor(tokens, logits) -> logits`` callables.
-        max_kv_size: Bound the KV cache (``>= 8``) when no prompt cache is given.
-        prefill_step_size: Prompt tokens per prefill chunk (``None``: the engine's choice).
-        progress: ``progress(done, total)`` called during prefill.
-        constraint: A ``Constraint`` from ``make_constraint``; or pass one of
-            ``schema=``, ``json=``, ``regex=``, ``choices=``, ``grammar=``.
         truncate: Keep the last context-length tokens of a prompt that is longer
             than the model's context instead of refusing it.
-        **options: Sampling settings (``SamplingParams`` fields).
+        **settings: ``max_tokens`` (256, in ``[1, 10_000_000]``), ``top_logprobs``
+            (0, in ``[0, min(100, vocab)]``), ``stop`` (a string or a list),
+            ``logits_processors`` (callables ``processor(tokens, logits) -> logits``),
+            ``max_kv_size`` (``>= 8``, when no prompt cache is given),
+            ``prefill_step_size`` (``None``: the engine's choice), ``progress``
+            (``progress(done, total)`` during prefill), a constraint
+            (``constraint=`` from ``make_constraint``, or one of ``schema=``,
+            ``json=``, ``regex=``, ``choices=``, ``grammar=``) and the sampling
+            settings (``SamplingParams`` fields).
 
     Returns:
         A ``Request``.
@@ -94,22 +76,8 @@ def make_request(
     Raises:
         ValueError, TypeError: A bad argument (the message says what was expected).
     """
-    settings = _settings(
-        lm,
-        dict(
-            options,
-            max_tokens=max_tokens,
-            top_logprobs=top_logprobs,
-            stop=stop,
-            logits_processors=logits_processors,
-            max_kv_size=max_kv_size,
-            prefill_step_size=prefill_step_size,
-            progress=progress,
-            constraint=constraint,
-        ),
-    )
-    encoded = _encode(lm, prompt, system, raw, images, truncate)
-    return Request(prompt=encoded, **settings)
+    fields = _settings(lm, settings)
+    return Request(prompt=_encode(lm, prompt, system, raw, images, truncate), **fields)
 
 
 # The settings a chat (or any caller that supplies its own prompt) may set for every reply.
@@ -125,24 +93,13 @@ def check_options(lm: ModelHandle, options: dict[str, Any], allowed: frozenset[s
     unknown = set(rest) - allowed
     if unknown:
         raise TypeError(f"unexpected setting(s): {', '.join(sorted(unknown))}")
-    _settings(lm, dict(options))
+    _settings(lm, options)
 
 
 def _settings(lm: ModelHandle, options: dict[str, Any]) -> dict[str, Any]:
     """Every ``Request`` field but the prompt, validated (cheap checks first)."""
-    fixed = {
-        k: options.pop(k, None)
-        for k in (
-            "max_tokens",
-            "top_logprobs",
-            "stop",
-            "logits_processors",
-            "max_kv_size",
-            "prefill_step_size",
-            "progress",
-            "constraint",
-        )
-    }
+    options = dict(options)
+    fixed = {k: options.pop(k, None) for k in _FIXED}
     max_tokens = 256 if fixed["max_tokens"] is None else fixed["max_tokens"]
     top_logprobs = 0 if fixed["top_logprobs"] is None else fixed["top_logprobs"]
     params = SamplingParams.from_kwargs(options)
