@@ -19,9 +19,8 @@ from .sampling import SamplingParams  # noqa: E402
 from .stepper import Stepper  # noqa: E402
 from .structured import Constraint, StructuredOutputError, make_constraint  # noqa: E402
 from .tokens import Alternative, Completion, Stats, Token, TurnStats  # noqa: E402
+from .version import __version__  # noqa: E402
 from .vision import VisionLM  # noqa: E402
-
-__version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython: object) -> None:

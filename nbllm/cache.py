@@ -25,8 +25,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import kv
 from .engine import InUseError
+from .kv import bounded, head_dim, restore, snapshot, trim_ahead
 from .progress import progress_bar
 from .prompt import Prompt
 from .request import check_max_kv_size
@@ -108,7 +108,7 @@ class PromptCache:
                 raise ValueError(
                     "kv_bits: expected kv_bits or max_kv_size, got both (mlx-lm has no quantized rotating cache)"
                 )
-            head = kv.head_dim(lm.config)
+            head = head_dim(lm.config)
             if head is not None and head % kv_group_size:
                 raise ValueError(
                     f"kv_bits: expected a head size divisible by kv_group_size={kv_group_size}, got head size {head}"
@@ -215,7 +215,7 @@ class PromptCache:
                 return
             covered = min([c.offset for c in self._layers if hasattr(c, "offset")] + [len(ids)])
             self._ids = [int(t) for t in ids[:covered]]
-            if not kv.trim_ahead(self._layers, covered) and not self._restore(covered):
+            if not trim_ahead(self._layers, covered) and not self._restore(covered):
                 self._layers, self._ids, self._snap = None, [], None
 
     def prefill(self, ids: Sequence[int] | Prompt, progress: bool | Callable[[int, int], None] | None = None) -> int:
@@ -345,7 +345,7 @@ class PromptCache:
 
     def _snapshot(self) -> None:
         # Only layers that may become untrimmable need a copy (bounded: at most their window).
-        kept = kv.snapshot(self._layers) if self._layers is not None else None
+        kept = snapshot(self._layers) if self._layers is not None else None
         self._snap = (list(self._ids), kept) if kept is not None else None
 
     def _restore(self, n: int) -> bool:
@@ -353,16 +353,14 @@ class PromptCache:
         if self._snap is None or self._layers is None:
             return False
         ids, kept = self._snap
-        if len(ids) > n or self._ids[: len(ids)] != ids or not kv.restore(self._layers, kept, len(ids)):
+        if len(ids) > n or self._ids[: len(ids)] != ids or not restore(self._layers, kept, len(ids)):
             return False
         self._ids, self._snap = list(ids), None
         self._stats.restores += 1
         return True
 
     def _new_layers(self) -> list[Any]:
-        return kv.bounded(
-            self.lm.engine.make_layers(self.max_kv_size), self.max_kv_size, self.kv_bits, self.kv_group_size
-        )
+        return bounded(self.lm.engine.make_layers(self.max_kv_size), self.max_kv_size, self.kv_bits, self.kv_group_size)
 
 
 def _check_ids(ids: Any, vocab_size: int) -> list[int]:

@@ -33,7 +33,7 @@ def write(lm: Any, layers: list[Any], ids: list[int], settings: dict[str, Any], 
     """
     from mlx_lm.models.cache import save_prompt_cache
 
-    from . import __version__
+    from .version import __version__
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or path, got {type(path).__name__}")

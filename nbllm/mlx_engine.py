@@ -24,9 +24,9 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from . import kv
 from .distribution import Distribution
 from .engine import Cancelled, Request, Step
+from .kv import settle, trim_ahead
 from .prompt import Prompt
 from .sampling import make_processors, make_token_sampler
 
@@ -242,7 +242,7 @@ class MLXRun:
 
     def _release(self) -> None:
         if self._layers is not None:
-            kv.settle(self._layers)
+            settle(self._layers)
         if self._leased:
             cache, self._cache, self._shared, self._leased = self._cache, None, False, False
             cache.commit(self._ids[: max(self._fed, self.cached_tokens)])
@@ -296,8 +296,8 @@ class MLXRun:
         if self.constraint is not None and self.constraint.consumed > consumed:
             self.constraint.rollback(self.constraint.consumed - consumed)
         layers, fed = self._layers or [], len(self._ids)
-        kv.settle(layers)
-        if kv.trim_ahead(layers, fed):
+        settle(layers)
+        if trim_ahead(layers, fed):
             self._fed, self._logprobs, self._dist_at = fed, current, fed
         else:  # e.g. a rotating layer past its window: rebuild from the ids
             self._rebuild()
