@@ -74,9 +74,9 @@ def test_prompt_cache_survives_an_exception_at_every_stage(any_lm: nbllm.LM, sta
             monkeypatch.setattr(ts.constraint, "_consume", _raise_after(3, ts.constraint._consume))
             ts.completion()
         else:  # an error while the stream hands the cache back
-            from nbllm import kv
+            import nbllm.cache as cache_module
 
-            monkeypatch.setattr(kv, "trim_ahead", _raise_after(0, kv.trim_ahead))
+            monkeypatch.setattr(cache_module, "trim_ahead", _raise_after(0, cache_module.trim_ahead))
             ts = lm.stream(PROMPT + " again", prompt_cache=cache, max_tokens=5)
             next(ts)
             ts.close()
