@@ -12,7 +12,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from .distribution import Distribution, sampled_probs
+from .distribution import Distribution
 from .sampling import SamplingParams
 from .tokens import Alternative
 
@@ -140,6 +140,8 @@ def describe(
         ``logprob`` is ``None`` when the engine did not report this token.
     """
     import numpy as np
+
+    from .filters import sampled_probs
 
     # A numpy view of the evaluated vector: indexing it needs no new mlx work,
     # which would queue behind the step the engine has already started.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .distribution import Shaped
+from .filters import Shaped
 from .tokens import Token
 
 if TYPE_CHECKING:

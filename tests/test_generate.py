@@ -275,7 +275,7 @@ def test_sampled_probs_match_mlx_lms_filters(opts: dict) -> None:
     import numpy as np
     from oracle import mlx_lm_distribution
 
-    from nbllm.distribution import sampled_probs
+    from nbllm.filters import sampled_probs
     from nbllm.sampling import SamplingParams
 
     mx.random.seed(0)

@@ -12,7 +12,7 @@ from oracle import mlx_lm_distribution
 
 import nbllm
 from nbllm import render
-from nbllm.distribution import shape_distribution
+from nbllm.filters import shape_distribution
 from nbllm.sampling import SamplingParams
 from nbllm.tokens import Alternative, Token
 from nbllm.widgets import ChatWidget, DistributionView, StepperWidget, StreamView, _live

@@ -11,7 +11,8 @@ from traitlets import Float, Int, observe, validate
 
 from .. import render
 from ..decode import piece_of
-from ..distribution import Shaped, as_numpy, shape_distribution
+from ..distribution import as_numpy
+from ..filters import Shaped, shape_distribution
 from ..sampling import SamplingParams
 
 __all__ = ["DistributionView"]
