@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +50,26 @@ def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None)
         A ``NotebookRun``; ``error`` holds the failing cell's error name and message.
     """
     import nbformat
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    )
+    sockets = tempfile.mkdtemp(prefix="nbllm-kernel-")
+    # IPC sockets (an absolute path: the kernel runs in the notebook's folder), not TCP on localhost:
+    # no port to reach from outside, and no "running over TCP without encryption" warning in the notebook.
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+    client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     error = None
     try:
         client.execute()
     except CellExecutionError as err:
         error = f"{err.ename}: {err.evalue}"
+    finally:
+        if km.has_kernel:  # a kernel manager we made is ours to stop
+            km.shutdown_kernel(now=True)
+        shutil.rmtree(sockets, ignore_errors=True)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, output / path.name)
