@@ -200,18 +200,15 @@ class LLMMagics(Magics):
         from .stepper import Stepper
         from .widgets import StepperWidget
 
-        request = _user_errors(
-            lambda: make_request(
-                lm,
-                prompt,
-                top_logprobs=max(self.top_logprobs, 1),
-                system=self._pick(args.system, self.system),
-                raw=args.raw,
-                images=args.image,
-                **options,
-            )
+        settings = dict(
+            top_logprobs=max(self.top_logprobs, 1),
+            system=self._pick(args.system, self.system),
+            raw=args.raw,
+            images=args.image,
+            **options,
         )
-        stepper = Stepper(lm, request)
+        _user_errors(lambda: make_request(lm, prompt, **settings))  # the checks; then the stepper keeps its text
+        stepper = Stepper(lm, prompt, **settings)
         if args.output:
             self._ns[args.output] = stepper
         self._display(StepperWidget(stepper))

@@ -60,6 +60,8 @@ class Stepper:
         else:
             self.request = make_request(lm, prompt, top_logprobs=top_logprobs, **kwargs)
         self.lm = lm
+        self.source = prompt if isinstance(prompt, str) else None  # the text, when the prompt was made from text
+        self._options = dict(kwargs, top_logprobs=top_logprobs)
         self.prompt = self.request.prompt
         self.params = self.request.params
         self.top_logprobs = self.request.top_logprobs or top_logprobs
@@ -103,6 +105,26 @@ class Stepper:
     def logprobs(self) -> Any:
         """The full next-token log-distribution (an ``mx.array`` of shape ``(vocab,)``)."""
         return self.distribution.source
+
+    @property
+    def prompt_kind(self) -> str:
+        """How the prompt reached the model: ``"chat template"`` or ``"raw continuation"``."""
+        return "chat template" if self.prompt.chat else "raw continuation"
+
+    def reprompt(self, *, raw: bool) -> Stepper:
+        """A new stepper on the same text with or without the chat template (a system message needs the template).
+
+        Raises:
+            ValueError: The stepper was not made from text, or the model has no chat template.
+        """
+        if self.source is None:
+            raise ValueError("reprompt: expected a stepper made from text, this one was made from ids or messages")
+        if not raw and not getattr(self.lm.tokenizer, "has_chat_template", False):
+            raise ValueError(f"reprompt: {self.lm.name} has no chat template")
+        options = dict(self._options, raw=raw)
+        if raw:
+            options.pop("system", None)
+        return Stepper(self.lm, self.source, **options)
 
     def candidates(self, k: int | None = None) -> tuple[Alternative, ...]:
         """The ``k`` most likely next tokens (model and sampler probabilities)."""

@@ -272,3 +272,20 @@ def test_chat_widget_image_attach_for_vision_models(lm: nbllm.LM, tmp_path) -> N
     assert w.wait(60) and [m["role"] for m in w.chat.history] == ["user", "assistant"]
     assert w.chat.history[0]["images"] == 1 and w.attach.value == ()
     assert w.chat.last_stats.prompt_tokens > len(list(vlm.encode("What is in this picture?").ids))
+
+
+def test_stepper_and_distribution_views_show_how_the_prompt_reached_the_model(lm: nbllm.LM) -> None:
+    w = StepperWidget(nbllm.Stepper(lm, "The capital of France is"))
+    assert w.stepper.prompt_kind == "chat template" and w.mode.value == "chat template"
+    assert "prompt: chat template" in w._prompt.value and html.escape("<|im_start|>user") in w._prompt.value
+    w.next()
+    w.mode.value = "raw continuation"  # the user switches: the stepper starts again on the same text
+    assert w.stepper.prompt_kind == "raw continuation" and w.n_tokens == 0
+    assert "prompt: raw continuation" in w._prompt.value and "im_start" not in w._prompt.value
+    raw = nbllm.Stepper(lm, "The capital of France is", raw=True)
+    assert [t.id for t in w.stepper.candidates(5)] == [t.id for t in raw.candidates(5)]
+    assert "prompt: raw continuation" in w._repr_mimebundle_()["text/html"]
+    from_ids = StepperWidget(nbllm.Stepper(lm, list(lm.encode("Hi").ids)))
+    assert from_ids.mode.layout.display == "none"  # no text to re-encode: no switch
+    view = DistributionView(raw.logprobs, label=lm, prompt=raw.prompt)
+    assert "prompt: raw continuation" in view.children[0].value

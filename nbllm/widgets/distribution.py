@@ -33,6 +33,8 @@ class DistributionView(widgets.VBox):
         top_p: Initial top-p (1 = off).
         min_p: Initial min-p (0 = off).
         k: Rows shown.
+        prompt: The ``Prompt`` this distribution follows (shown above the chart: chat
+            template or raw continuation, the rendered text a click away); needs an ``LM`` label.
         **kwargs: Passed to ``ipywidgets.VBox``.
     """
 
@@ -53,6 +55,7 @@ class DistributionView(widgets.VBox):
         top_p: float = 1.0,
         min_p: float = 0.0,
         k: int = 10,
+        prompt: Any = None,
         **kwargs: Any,
     ):
         self._label = _labeler(label)
@@ -81,7 +84,8 @@ class DistributionView(widgets.VBox):
         for name, slider in self.sliders.items():
             widgets.link((slider, "value"), (self, name))
         self._chart = widgets.HTML()
-        self.children = [*self.sliders.values(), self._chart]
+        head = [widgets.HTML(_prompt_html(prompt, label))] if prompt is not None else []
+        self.children = [*head, *self.sliders.values(), self._chart]
         self.add_class("nbllm-distribution")
         self.redraw()
 
@@ -146,3 +150,9 @@ def _labeler(label: Any) -> Callable[[int], str]:
     if tokenizer is None:
         raise TypeError(f"label: expected a callable id -> text or an LM, got {type(label).__name__}")
     return lambda i: piece_of(tokenizer, i, pieces if pieces is not None else {})
+
+
+def _prompt_html(prompt: Any, lm: Any) -> str:
+    if not hasattr(lm, "decode"):
+        raise TypeError("prompt: showing the prompt needs label=lm (an LM, to decode it)")
+    return render.prompt_html("chat template" if prompt.chat else "raw continuation", lm.decode(prompt.ids))

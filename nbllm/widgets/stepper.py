@@ -49,6 +49,16 @@ class StepperWidget(widgets.VBox):
         self.back_button = widgets.Button(description="Back", tooltip="undo the last token")
         self.reset_button = widgets.Button(description="Reset", tooltip="back to the prompt")
         self.progress = widgets.IntProgress(layout=widgets.Layout(display="none"))
+        self._prompt = widgets.HTML()
+        self.mode = widgets.ToggleButtons(
+            options=["chat template", "raw continuation"],
+            value=stepper.prompt_kind,
+            tooltips=["the text as a user message, answered by the model", "the text continued as it is"],
+            style={"button_width": "130px"},
+        )
+        switchable = stepper.source is not None and bool(getattr(stepper.lm.tokenizer, "has_chat_template", False))
+        self.mode.layout.display = None if switchable else "none"
+        self.mode.observe(lambda change: self._click(lambda: self._switch(change["new"])), "value")
         self._label = widgets.HTML()
         self._text = widgets.HTML()
         self.alternatives = [widgets.Button(layout=widgets.Layout(width="auto")) for _ in range(k)]
@@ -70,7 +80,17 @@ class StepperWidget(widgets.VBox):
         choices = widgets.HBox(
             [widgets.HTML("<b>choose next:</b>"), *self.alternatives], layout=widgets.Layout(flex_flow="row wrap")
         )
-        super().__init__(children=[controls, self._label, self._text, choices, self.distribution], **kwargs)
+        super().__init__(
+            children=[
+                widgets.HBox([self.mode, self._prompt]),
+                controls,
+                self._label,
+                self._text,
+                choices,
+                self.distribution,
+            ],
+            **kwargs,
+        )
         self.add_class("nbllm-stepper")
         self.next_button.on_click(lambda _: self._click(self.next))
         self.next_n_button.on_click(lambda _: self._click(lambda: self.next_n(self.n_box.value)))
@@ -122,6 +142,11 @@ class StepperWidget(widgets.VBox):
             self.status = f"took {token!r} as {len(taken)} tokens: " + " ".join(repr(t.piece) for t in taken)
             self.redraw()
 
+    def _switch(self, kind: str) -> None:
+        """Start again on the same text with the chat template or as a raw continuation."""
+        if kind != self.stepper.prompt_kind:
+            self._guard(lambda: setattr(self, "stepper", self.stepper.reprompt(raw=kind == "raw continuation")))
+
     def branch(self) -> StepperWidget:
         """A new widget over an independent copy of the stepper."""
         return StepperWidget(self.stepper.branch(), k=len(self.alternatives), n=self.n_box.value)
@@ -149,6 +174,9 @@ class StepperWidget(widgets.VBox):
         """Show the stepper's current state."""
         s = self.stepper
         self.text, self.n_tokens, self.done = s.text, len(s.tokens), s.done
+        self._prompt.value = render.prompt_html(s.prompt_kind, s.lm.decode(s.prompt.ids))
+        if self.mode.value != s.prompt_kind:
+            self.mode.value = s.prompt_kind
         self._text.value = render.tokens_html(s.tokens, colored=True, boundaries=True)
         finish = f" · finish: {s.finish_reason}" if s.done else ""
         error = f" · <span style='color:#c00'>{html.escape(self.status)}</span>" if self.status else ""
@@ -176,7 +204,8 @@ class StepperWidget(widgets.VBox):
         """Static HTML of the current state."""
         shaped = self.distribution.shaped
         dist = render.distribution_html(shaped, style=False) if shaped else ""
-        return render.tokens_html(self.stepper.tokens, colored=True, boundaries=True, tooltips="title") + dist
+        prompt = render.prompt_html(self.stepper.prompt_kind, self.stepper.lm.decode(self.stepper.prompt.ids))
+        return prompt + render.tokens_html(self.stepper.tokens, colored=True, boundaries=True, tooltips="title") + dist
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         data = super()._repr_mimebundle_(**kwargs) or {}
