@@ -147,7 +147,8 @@ class Chat:
         progress: Show a tqdm bar for prefills of at least 512 new tokens.
         **settings: Defaults for every reply: ``max_tokens`` (512), sampling
             settings (``temperature``, ``top_p``, ... as for ``stream``),
-            ``top_logprobs``, ``stop``, ``logits_processors``, a constraint.
+            ``top_logprobs``, ``stop``, ``logits_processors``, a constraint;
+            ``send(..., progress=callback)`` reports one reply's prefill.
     """
 
     def __init__(
@@ -320,8 +321,9 @@ class Chat:
         check_options(self.lm, overrides)
         options = {**self.settings, **overrides}
         start, prompt = self._fit(base, user, options["max_tokens"])
-        progress = progress_bar(min_total=512) if self.progress else None
-        request = make_request(self.lm, prompt, progress=progress, **options)
+        if options.get("progress") is None and self.progress:
+            options["progress"] = progress_bar(min_total=512)
+        request = make_request(self.lm, prompt, **options)
         reply = ChatReply(self, TokenStream(self.lm, request, self.cache), base, user, len(self.cache.ids), start)
         self._pending = reply
         return reply

@@ -208,7 +208,9 @@ class LLMMagics(Magics):
             **options,
         )
         _user_errors(lambda: make_request(lm, prompt, **settings))  # the checks; then the stepper keeps its text
-        stepper = Stepper(lm, prompt, **settings)
+        bar = self._prefill_bar()
+        stepper = Stepper(lm, prompt, progress=bar, **settings)
+        bar(1, 1)  # done: hide it
         if args.output:
             self._ns[args.output] = stepper
         self._display(StepperWidget(stepper))
@@ -321,6 +323,18 @@ class LLMMagics(Magics):
         from .widgets import StreamView
 
         return StreamView(colored=probs, max_rate=self.max_rate)
+
+    def _prefill_bar(self) -> Any:
+        """A prefill progress callback: a bar in the cell (widgets), or tqdm in a terminal."""
+        if not self._widgets():
+            from .progress import progress_bar
+
+            return progress_bar(desc="prompt", min_total=256)
+        from .widgets.progress import PrefillBar
+
+        bar = PrefillBar(min_total=256, max_rate=self.max_rate)
+        self._display(bar)
+        return bar
 
     def _display(self, obj: Any, display_id: bool = False) -> Any:
         from IPython.display import display

@@ -82,7 +82,16 @@ def make_request(
 
 # The settings a chat (or any caller that supplies its own prompt) may set for every reply.
 REPLY_KEYS = frozenset(
-    {"max_tokens", "top_logprobs", "stop", "logits_processors", "prefill_step_size", "constraint", *STRUCTURED_KEYS}
+    {
+        "max_tokens",
+        "top_logprobs",
+        "stop",
+        "logits_processors",
+        "prefill_step_size",
+        "progress",
+        "constraint",
+        *STRUCTURED_KEYS,
+    }
 )
 
 

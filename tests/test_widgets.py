@@ -289,3 +289,13 @@ def test_stepper_and_distribution_views_show_how_the_prompt_reached_the_model(lm
     assert from_ids.mode.layout.display == "none"  # no text to re-encode: no switch
     view = DistributionView(raw.logprobs, label=lm, prompt=raw.prompt)
     assert "prompt: raw continuation" in view.children[0].value
+
+
+def test_chat_widget_shows_prefill_progress_for_a_long_history(lm: nbllm.LM) -> None:
+    w = ChatWidget(lm, system="the model cache prompt " * 120, max_tokens=2, prefill_step_size=64, max_rate=10_000)
+    seen: list[int] = []
+    w.prefill.observe(lambda change: seen.append(change["new"]), "value")
+    w.send("Hi")
+    assert w.wait(30)
+    assert len(seen) >= 3 and seen == sorted(seen) and w.prefill.max >= 500  # it moved, chunk by chunk
+    assert w.prefill.layout.display == "none"  # and is gone once the reply streams

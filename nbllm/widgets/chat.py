@@ -22,6 +22,7 @@ from traitlets import Bool, Int, Unicode
 from .. import render
 from ..chat import Chat
 from ._live import Throttle
+from .progress import PrefillBar
 
 __all__ = ["ChatWidget"]
 
@@ -65,12 +66,20 @@ class ChatWidget(widgets.VBox):
         self.reset_button = widgets.Button(description="Reset", icon="trash")
         self.attach = widgets.FileUpload(accept="image/*", multiple=True, description="Image")
         self.stats = widgets.HTML()
+        self.prefill = PrefillBar(min_total=256, max_rate=max_rate)  # a long history being processed
         self._status = widgets.HTML()
         buttons = [self.send_button, self.stop_button, self.regenerate_button, self.reset_button]
         if getattr(self.lm, "is_vision", False):
             buttons.append(self.attach)
         super().__init__(
-            children=[self.system_box, self.messages, self.input, widgets.HBox([*buttons, self._status]), self.stats]
+            children=[
+                self.system_box,
+                self.messages,
+                self.prefill,
+                self.input,
+                widgets.HBox([*buttons, self._status]),
+                self.stats,
+            ]
         )
         self.add_class("nbllm-chat-widget")
         self.observe(self._show_status, "status")
@@ -93,7 +102,7 @@ class ChatWidget(widgets.VBox):
             self.status = "type a message first"
             raise ValueError(f"send: expected a non-empty message, got {text!r}")
         images = self._images()
-        kwargs = {"images": images} if images else {}
+        kwargs: dict[str, Any] = {"progress": self.prefill, **({"images": images} if images else {})}
         shown = self._history() + [{"role": "user", "content": text}]
         if self._start(lambda: self.chat.send(text, **kwargs), shown):
             self.input.value = ""
@@ -101,7 +110,7 @@ class ChatWidget(widgets.VBox):
 
     def regenerate(self) -> None:
         """Replace the last reply with a new one."""
-        self._start(self.chat.regenerate, self._history()[:-1])
+        self._start(lambda: self.chat.regenerate(progress=self.prefill), self._history()[:-1])
 
     def stop(self) -> None:
         """Stop the reply now streaming (it ends after the current token)."""
@@ -189,6 +198,7 @@ class ChatWidget(widgets.VBox):
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+        self.prefill.layout.display = "none"
         self.redraw()  # the settled history first, so the status below never runs ahead of it
         self.reply, self._pending = self._pending, ""
         self.finish_reason = getattr(last, "finish_reason", None) or ("cancelled" if self._stop else None)

@@ -12,10 +12,9 @@ from traitlets import Bool, Int, Unicode, observe
 from .. import render
 from ..tokens import Completion, Stats, Token
 from ._live import Throttle
+from .progress import PrefillBar
 
 __all__ = ["StreamView"]
-
-_HIDDEN = {"display": "none"}
 
 
 class StreamView(widgets.VBox):
@@ -47,8 +46,7 @@ class StreamView(widgets.VBox):
         self._spans: list[str] = []
         self._chunks: list[str] = []
         self._throttle = Throttle(max_rate)
-        self._progress_throttle = Throttle(max_rate)
-        self._progress = widgets.IntProgress(description="prompt", layout=dict(_HIDDEN))
+        self._progress = PrefillBar(max_rate=max_rate)
         self._html = widgets.HTML(render.tokens_html([]))
         self._foot = widgets.HTML("")
         super().__init__(
@@ -66,16 +64,9 @@ class StreamView(widgets.VBox):
 
     def progress(self, done: int, total: int) -> None:
         """Prompt-processing progress (a ``stream(progress=...)`` callback)."""
-        if done >= total:
-            self._progress.layout.display = "none"
-            return
-        if self._progress_throttle.due():
-            self._progress_throttle.begin()
+        if done < total:
             self.status = "prefill"
-            self._progress.max = max(total, 1)
-            self._progress.value = done
-            self._progress.layout.display = None
-            self._progress_throttle.end()
+        self._progress(done, total)
 
     def consume(self, stream: Iterable[Token]) -> Completion:
         """Feed every token of ``stream`` and return its ``Completion``.
