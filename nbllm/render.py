@@ -147,7 +147,8 @@ def tokens_table(tokens: Iterable[Token], k: int = 3) -> str:
 def prompt_html(kind: str, text: str) -> str:
     """How a prompt reached the model: a one-line label, the rendered text behind a click."""
     return (
-        f"<details class='nbllm-prompt'><summary class='nbllm-foot'>prompt: {html.escape(kind)}</summary>"
+        "<details class='nbllm-prompt'><summary style='color:#888;font-size:12px;cursor:pointer'>"
+        f"prompt: {html.escape(kind)}</summary>"
         f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{html.escape(text)}</pre></details>"
     )
 
