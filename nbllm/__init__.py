@@ -12,6 +12,7 @@ from .cache import PromptCache  # noqa: E402
 from .chat import Chat, ChatReply  # noqa: E402
 from .distribution import Distribution  # noqa: E402
 from .generate import TokenStream, generate, stream  # noqa: E402
+from .inside import AttentionMap, Comparison, LogitLens, Scored, compare  # noqa: E402
 from .loading import load  # noqa: E402
 from .model import LM, ModelInfo  # noqa: E402
 from .prompt import Prompt  # noqa: E402
@@ -56,6 +57,11 @@ __all__ = [
     "Distribution",
     "TurnStats",
     "blas_status",
+    "compare",
+    "LogitLens",
+    "AttentionMap",
+    "Scored",
+    "Comparison",
     "SamplingParams",
     "Token",
     "Alternative",

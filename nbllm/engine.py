@@ -42,6 +42,8 @@ class Request:
         prefill_step_size: Prompt tokens per prefill chunk.
         max_kv_size: Bound on the KV cache when no prompt cache is given.
         progress: ``progress(done, total)`` called during prefill.
+        draft_model: A loaded draft model for speculative decoding (same tokenizer), or ``None``.
+        num_draft_tokens: Tokens the draft proposes per model pass.
     """
 
     prompt: Prompt
@@ -55,6 +57,8 @@ class Request:
     prefill_step_size: int = 2048
     max_kv_size: int | None = None
     progress: Callable[[int, int], None] | None = None
+    draft_model: Any = None
+    num_draft_tokens: int = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,12 +71,17 @@ class Step:
         forced: True when the constraint allowed only this token.
         masked_prob: Model probability the constraint's mask removed (``None``
             without a constraint).
+        from_draft: Speculative decoding: the draft proposed it and the model kept it.
+        accepted: Speculative decoding: whether the draft's proposal here was kept
+            (``None``: no proposal at this position).
     """
 
     token: int
     dist: Distribution
     forced: bool = False
     masked_prob: float | None = None
+    from_draft: bool = False
+    accepted: bool | None = None
 
 
 class InUseError(RuntimeError):

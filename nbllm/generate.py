@@ -206,6 +206,13 @@ def _loop(run: Any, request: Request, lm: ModelHandle, state: _State) -> Any:
     finally:
         steps.close()
         run.close()
+        counts = getattr(run, "draft_counts", None)
+        if counts is not None and counts.proposed:
+            stats.draft_proposed, stats.draft_accepted, stats.draft_rounds = (
+                counts.proposed,
+                counts.accepted,
+                counts.rounds,
+            )
         if state.ended is None and (not state.tokens or state.tokens[-1].finish_reason is None):
             state.ended = "cancelled"
         stats.peak_memory_gb = _peak_memory_gb()
@@ -241,6 +248,8 @@ def _record(step: Step, n: int, text: str, finish: str | None, lm: ModelHandle, 
         top=top,
         sampled_prob=sampled_prob,
         forced=step.forced,
+        from_draft=step.from_draft,
+        accepted=step.accepted,
         special=finish == "stop",
         finish_reason=finish,
         masked_prob=step.masked_prob,

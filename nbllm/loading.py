@@ -72,11 +72,11 @@ def load(
     if "vision_config" in config:
         from .vision import load_vision
 
-        return load_vision(name, path, config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_vision(name, path, config, dtype=dtype, trust_remote_code=trust_remote_code, loader=load)
     model, config = _load_text(path, config, trust_remote_code)
     tokenizer = load_tokenizer(path, config.get("eos_token_id"))
     stored = cast_weights(model, config, dtype)
-    return LM(model, tokenizer, config, name, path, time.perf_counter() - start, stored_dtype=stored)
+    return LM(model, tokenizer, config, name, path, time.perf_counter() - start, stored_dtype=stored, loader=load)
 
 
 def _resolve(name_or_path: str | os.PathLike[str] | None, revision: str | None) -> tuple[str, Path]:

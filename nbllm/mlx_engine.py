@@ -29,6 +29,7 @@ from .engine import Cancelled, Request, Step
 from .kv import settle, trim_ahead
 from .prompt import Prompt
 from .sampling import make_processors, make_token_sampler
+from .speculative import DraftCounts, speculative_steps
 
 __all__ = ["MLXEngine", "MLXRun", "generation_stream", "DEFAULT_PREFILL_STEP"]
 
@@ -94,6 +95,7 @@ class MLXRun:
         self._sampler = make_token_sampler(request.params, engine.vocab_size)
         self._chunk = request.prefill_step_size or engine.prefill_step_size
         self._procs: list[Any] = []
+        self.draft_counts = DraftCounts()
 
     # -- the fast loop --------------------------------------------------------
     def generate(self, cancelled: Callable[[], bool]) -> Generator[Step, None, None]:
@@ -114,27 +116,47 @@ class MLXRun:
                 if done < total and cancelled():
                     raise Cancelled()
 
-            steps = generate_step(
-                mx.array(self.prompt.ids[reused:]),
-                self.engine.model,
-                max_tokens=request.max_tokens,
-                sampler=self._sampler,
-                logits_processors=self._procs or None,
-                prompt_cache=layers,
-                prefill_step_size=self._chunk,
-                prompt_progress_callback=progress,
-                input_embeddings=emb[reused:] if emb is not None else None,
-            )
+            plain = None
+            if request.draft_model is not None:
+                if emb is not None:
+                    raise ValueError("draft_model: speculative decoding takes text prompts, not images")
+                steps: Any = speculative_steps(
+                    self.engine.model,
+                    request.draft_model.engine,
+                    list(self.prompt.ids[reused:]),
+                    list(self.prompt.ids[:reused]),
+                    layers,
+                    num_draft_tokens=request.num_draft_tokens,
+                    max_tokens=request.max_tokens,
+                    sampler=self._sampler,
+                    processors=self._procs or None,
+                    prefill_step_size=self._chunk,
+                    counts=self.draft_counts,
+                )
+            else:
+                plain = generate_step(
+                    mx.array(self.prompt.ids[reused:]),
+                    self.engine.model,
+                    max_tokens=request.max_tokens,
+                    sampler=self._sampler,
+                    logits_processors=self._procs or None,
+                    prompt_cache=layers,
+                    prefill_step_size=self._chunk,
+                    prompt_progress_callback=progress,
+                    input_embeddings=emb[reused:] if emb is not None else None,
+                )
+                steps = ((int(cast(int, t)), lp, False, None) for t, lp in plain)  # generate_step yields ints
             with wired_limit(self.engine.model, [generation_stream()]):
                 try:
-                    for n, (sampled, logprobs) in enumerate(steps):
-                        token = int(cast(int, sampled))  # generate_step yields a Python int despite its annotation
+                    for n, (token, logprobs, from_draft, accepted) in enumerate(steps):
                         self._ids.append(token)
                         forced = constraint is not None and constraint.was_forced(n)
                         masked = constraint.masked_prob(n) if constraint is not None else None
-                        yield Step(token, Distribution(logprobs), forced, masked)
+                        yield Step(token, Distribution(logprobs), forced, masked, from_draft, accepted)
                 finally:
                     steps.close()
+                    if plain is not None:
+                        plain.close()
         finally:
             self._fed = len(self._ids)
             self._release()

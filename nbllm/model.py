@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -11,6 +11,7 @@ from typing import Any, cast
 import mlx.core as mx
 
 from .generate import TokenStream, generate, stream
+from .inside import AttentionMap, LogitLens, Scored, attention, logit_lens, score
 from .mlx_engine import MLXEngine
 from .prompt import Prompt, check_text
 from .stepper import Stepper
@@ -75,6 +76,7 @@ class LM:
         path: Path,
         load_seconds: float = 0.0,
         stored_dtype: str | None = None,
+        loader: Callable[..., LM] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -88,7 +90,16 @@ class LM:
         self._context = int(ctx) if ctx else None
         self._load_seconds = load_seconds
         self._stored_dtype = stored_dtype
+        self._loader = loader  # how this model was loaded: load_related() loads others the same way
         self._engine = self._make_engine()
+
+    def load_related(self, name_or_path: Any) -> LM:
+        """Load another model the way this one was loaded (``nbllm.load``), e.g. a draft model given by path."""
+        if self._loader is None:
+            raise ValueError(
+                f"{self.name} was not loaded with nbllm.load; load the other model with nbllm.load yourself"
+            )
+        return self._loader(name_or_path)
 
     def _make_engine(self) -> MLXEngine:
         return MLXEngine(self.model, self.tokenizer, self.vocab_size)
@@ -230,6 +241,19 @@ class LM:
     def stepper(self, prompt: Any, **kwargs: Any) -> Stepper:
         """A token-at-a-time ``Stepper``; see ``nbllm.Stepper``."""
         return Stepper(self, prompt, **kwargs)
+
+    # -- inside the model ------------------------------------------------------
+    def logit_lens(self, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitLens:
+        """What every layer already predicts at every position; see ``nbllm.inside.logit_lens``."""
+        return logit_lens(self, prompt, top_k=top_k, **encode)
+
+    def attention(self, prompt: Any, **encode: Any) -> AttentionMap:
+        """Every attention layer's weights over the prompt; see ``nbllm.inside.attention``."""
+        return attention(self, prompt, **encode)
+
+    def score(self, text: Any, **kwargs: Any) -> Scored:
+        """How likely the model finds a given text, token by token; see ``nbllm.inside.score``."""
+        return score(self, text, **kwargs)
 
 
 def as_list(images: Any) -> list[Any]:

@@ -9,6 +9,7 @@ about a millisecond), then the prompt (a vision prompt runs the vision tower).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .engine import ModelHandle, Request
@@ -28,6 +29,8 @@ STRUCTURED_KEYS = ("schema", "json", "regex", "choices", "grammar")
 TOP_LOGPROBS_MAX = 100
 # Request fields taken from the keyword arguments as they are (None: the default).
 _FIXED = (
+    "draft_model",
+    "num_draft_tokens",
     "max_tokens",
     "top_logprobs",
     "stop",
@@ -67,8 +70,10 @@ def make_request(
             ``prefill_step_size`` (``None``: the engine's choice), ``progress``
             (``progress(done, total)`` during prefill), a constraint
             (``constraint=`` from ``make_constraint``, or one of ``schema=``,
-            ``json=``, ``regex=``, ``choices=``, ``grammar=``) and the sampling
-            settings (``SamplingParams`` fields).
+            ``json=``, ``regex=``, ``choices=``, ``grammar=``), ``draft_model``
+            (speculative decoding: a loaded model or a folder, same tokenizer) with
+            ``num_draft_tokens`` (3, in ``[1, 64]``), and the sampling settings
+            (``SamplingParams`` fields).
 
     Returns:
         A ``Request``.
@@ -145,7 +150,31 @@ def _settings(lm: ModelHandle, options: dict[str, Any]) -> dict[str, Any]:
         prefill_step_size=fixed["prefill_step_size"],
         max_kv_size=fixed["max_kv_size"],
         progress=progress,
+        **_draft(lm, fixed["draft_model"], fixed["num_draft_tokens"]),
     )
+
+
+def _draft(lm: ModelHandle, draft: Any, num: Any) -> dict[str, Any]:
+    """The draft model (a loaded model, or a path the handle can load) and its proposal length, checked."""
+    if draft is None:
+        if num is not None:
+            raise ValueError("num_draft_tokens: expected it only with draft_model=")
+        return {}
+    num = 3 if num is None else num
+    _check_int(num, "num_draft_tokens", 1, 64)
+    if not hasattr(draft, "engine"):
+        loader = getattr(lm, "load_related", None)
+        if loader is None or not isinstance(draft, (str, os.PathLike)):
+            raise TypeError(f"draft_model: expected a loaded model or a model folder, got {type(draft).__name__}")
+        draft = loader(draft)
+    if not hasattr(draft.engine, "call") or not hasattr(lm.engine, "call"):
+        raise ValueError("draft_model: speculative decoding needs local MLX models for both the model and the draft")
+    probe = "Speculative decoding, 42 tokens!"
+    if draft.vocab_size != lm.vocab_size or draft.encode(probe, raw=True).ids != lm.encode(probe, raw=True).ids:
+        raise ValueError(
+            f"draft_model: expected a draft with the same tokenizer as {lm.name}, {draft.name} has another"
+        )
+    return {"draft_model": draft, "num_draft_tokens": num}
 
 
 def _encode(lm: ModelHandle, prompt: Any, system: str | None, raw: bool, images: Any, truncate: bool) -> Prompt:

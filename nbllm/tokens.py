@@ -54,6 +54,13 @@ class Token:
             finished constraint), ``length``, ``stop_string`` or ``cancelled``.
         masked_prob: With a constraint, the model probability the mask removed
             at this step (0 = the model only wanted allowed tokens); else ``None``.
+        rank: For a scored text (``lm.score``): the token's rank under the model
+            (0 = its top choice); else ``None``.
+        entropy: For a scored text: entropy of the model's distribution at this position, in nats.
+        from_draft: In speculative decoding, the draft model proposed this token and the model accepted it.
+        accepted: In speculative decoding, whether the draft's proposal at this
+            position was accepted (``False``: this token replaced a rejected one;
+            ``None``: the draft proposed nothing here).
     """
 
     id: int
@@ -67,6 +74,10 @@ class Token:
     special: bool = False
     finish_reason: str | None = None
     masked_prob: float | None = None
+    rank: int | None = None
+    entropy: float | None = None
+    from_draft: bool = False
+    accepted: bool | None = None
 
     @property
     def prob(self) -> float:
@@ -86,6 +97,9 @@ class Stats:
         prompt_tps: Prompt tokens processed per second.
         generation_tps: Generated tokens per second after the first.
         peak_memory_gb: Peak MLX memory in GB.
+        draft_proposed: Speculative decoding: tokens the draft proposed.
+        draft_accepted: Speculative decoding: of them, the ones the model kept.
+        draft_rounds: Speculative decoding: model passes (each checks one round of proposals).
     """
 
     prompt_tokens: int = 0
@@ -95,6 +109,19 @@ class Stats:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    draft_rounds: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of the draft's proposals the model kept (``None`` without a draft)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Tokens per model forward pass with a draft (1.0 without one: the speed-up's upper bound)."""
+        return self.generated_tokens / self.draft_rounds if self.draft_rounds else None
 
     def summary(self, finish_reason: str | None = None) -> str:
         """One line for a footer, e.g. ``12 prompt tokens · first token 40 ms · ... · finish: stop``.
@@ -114,7 +141,9 @@ class Stats:
         return " · ".join(parts)
 
     def _extra(self) -> list[str]:
-        return []
+        if self.acceptance_rate is None:
+            return []
+        return [f"draft {self.acceptance_rate:.0%} accepted, {self.tokens_per_pass:.2f} tokens per pass"]
 
 
 @dataclass
@@ -135,9 +164,9 @@ class TurnStats(Stats):
     dropped_messages: int = 0
 
     def _extra(self) -> list[str]:
-        out = (
-            [] if self.reuse_rate is None else [f"reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens"]
-        )
+        out = super()._extra()
+        if self.reuse_rate is not None:
+            out.append(f"reused {self.reuse_rate:.0%} of {self.context_tokens} context tokens")
         if self.dropped_messages:
             out.append(f"{self.dropped_messages} oldest messages dropped to fit the context")
         return out

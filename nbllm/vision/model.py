@@ -60,6 +60,7 @@ class VisionLM(LM):
         path: Path,
         load_seconds: float = 0.0,
         stored_dtype: str | None = None,
+        loader: Any = None,
     ):
         from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
@@ -69,7 +70,7 @@ class VisionLM(LM):
         self.max_images: int | None = 1 if self.model_type in SINGLE_IMAGE_ONLY_MODELS else None
         adapter = LanguageAdapter(vlm)
         self._features = ImageFeatures(vlm, adapter.image_ids, adapter.uses_mrope)
-        super().__init__(adapter, tokenizer, config, name, path, load_seconds, stored_dtype)
+        super().__init__(adapter, tokenizer, config, name, path, load_seconds, stored_dtype, loader)
 
     def _make_engine(self) -> MLXEngine:
         return VisionEngine(self.model, self.tokenizer, self.vocab_size)
@@ -190,7 +191,13 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def load_vision(
-    name: str, path: Path, config: dict[str, Any], *, dtype: str | None = "auto", trust_remote_code: bool = False
+    name: str,
+    path: Path,
+    config: dict[str, Any],
+    *,
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    loader: Any = None,
 ) -> VisionLM:
     """Load an mlx-vlm model folder as a ``VisionLM`` (called by ``nbllm.load``).
 
@@ -223,7 +230,7 @@ def load_vision(
             f"could not read the model in {path} (corrupt or incomplete?): {str(err).splitlines()[0][:200]}"
         ) from None
     stored = cast_weights(vlm, config, dtype)
-    return VisionLM(vlm, processor, tokenizer, config, name, path, time.perf_counter() - start, stored)
+    return VisionLM(vlm, processor, tokenizer, config, name, path, time.perf_counter() - start, stored, loader)
 
 
 def _eos_ids(path: Path, config: dict[str, Any]) -> list[int]:
