@@ -19,6 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Int, Unicode
 
 from .engine import InUseError
+from .magic_registry import Registry
 
 __all__ = ["LLMMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -50,9 +51,7 @@ class LLMMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
-        self.models: dict[str, Any] = {}
-        self.current: str | None = None
-        self.chat: Any = None
+        self.registry = Registry()
         self.last: Any = None
 
     # -- %llm ---------------------------------------------------------------
@@ -77,34 +76,32 @@ class LLMMagics(Magics):
         elif action == "load":
             if not args.target:
                 raise UsageError("%llm load: expected a model path or hub id, got nothing")
-            lm = self._load(args.target, args.alias)
-            self.current = args.alias or lm.name
+            lm = self.registry.add(self._load(args.target), args.alias)
+            self.registry.current = args.alias or lm.name
             return lm
         elif action == "use":
-            self._loaded(args.target)
-            self.current = args.target
+            self.registry.select(args.target)
         elif action == "info":
-            if self.current is None:
+            if self.registry.current is None:
                 print(
                     "no model selected: %%llm loads " + (self.model or "the embedded default model") + " on first use"
                 )
                 return None
-            return self.models[self.current]
+            return self.registry.models[self.registry.current]
         elif action == "list":
-            for name, lm in self.models.items():
-                print(("* " if name == self.current else "  ") + f"{name}: {lm!r}")
+            for name, lm in self.registry.models.items():
+                print(("* " if name == self.registry.current else "  ") + f"{name}: {lm!r}")
         elif action == "unload":
-            self._loaded(args.target)
-            del self.models[args.target]
-            self.current = None if self.current == args.target else self.current
+            self.registry.unload(args.target)
         elif action == "reset":
-            if self.chat is not None:
-                _user_errors(self.chat.reset)
+            if self.registry.chat is not None:
+                _user_errors(self.registry.chat.reset)
             print("conversation reset")
         elif action == "chat":
             from .widgets import ChatWidget
 
-            return _user_errors(lambda: ChatWidget(self._conversation(self._lm(None), None), max_rate=self.max_rate))
+            chat = _user_errors(lambda: self.registry.conversation(self._lm(None), None))
+            return _user_errors(lambda: ChatWidget(chat, max_rate=self.max_rate))
         else:
             raise UsageError(f"%llm: expected one of info, load, use, list, unload, chat, reset, help; got {action!r}")
         return None
@@ -129,6 +126,10 @@ class LLMMagics(Magics):
     @argument("--chat", action="store_true", help="continue the notebook's conversation")
     @argument("--probs", action="store_true", help="colour tokens by probability; hover/click for alternatives")
     @argument("--step", action="store_true", help="open the stepper instead of running")
+    @argument("--lens", action="store_true", help="show the logit lens of the prompt (what each layer predicts)")
+    @argument("--attention", action="store_true", help="show the prompt's attention weights, by layer and head")
+    @argument("--score", action="store_true", help="score the cell's text: how surprising each token is")
+    @argument("--draft", metavar="MODEL", help="speculative decoding with this draft model (path or loaded name)")
     @argument("-o", "--output", metavar="VAR", help="store the Completion (the Stepper with --step) in VAR")
     @argument("-h", "--help", action="store_true", help="show this help")
     @cell_magic("llm")  # type: ignore[arg-type]  # IPython types the named form loosely
@@ -152,6 +153,9 @@ class LLMMagics(Magics):
             raise UsageError(f"-o: expected a Python variable name, got {args.output!r}")
         lm = self._lm(args.model)
         options = self._options(args)
+        inside = [f for f in ("lens", "attention", "score") if getattr(args, f)]
+        if inside:
+            return self._inside(lm, prompt, inside, args)
         if args.step:
             self._step(lm, prompt, args, options)
         elif args.chat:
@@ -181,10 +185,27 @@ class LLMMagics(Magics):
         )
         self._show(TokenStream(lm, request), view, args)
 
+    def _inside(self, lm: Any, prompt: str, which: list[str], args: Any) -> None:
+        from .widgets import AttentionView, LogitLensView, SurpriseView
+
+        if len(which) > 1 or args.step or args.chat:
+            raise UsageError(f"expected one of --lens/--attention/--score/--step/--chat, got {', '.join(which)}")
+        encode = {"raw": args.raw, "system": self._pick(args.system, self.system), "images": args.image}
+        if which == ["score"]:
+            record = _user_errors(lambda: lm.score(prompt, raw=True))
+            view: Any = SurpriseView(record)
+        else:
+            _user_errors(lambda: lm.encode(prompt, **encode))  # the user's part: the prompt and its images
+            record = lm.logit_lens(prompt, **encode) if which == ["lens"] else lm.attention(prompt, **encode)
+            view = LogitLensView(record) if which == ["lens"] else AttentionView(record)
+        if args.output:
+            self._ns[args.output] = record
+        self._display(view)
+
     def _run_chat(self, lm: Any, prompt: str, args: Any, options: dict[str, Any]) -> None:
         if args.raw:
             raise UsageError("--chat: expected a chat prompt, got --raw (a conversation always uses the chat template)")
-        chat = _user_errors(lambda: self._conversation(lm, self._pick(args.system, self.system)))
+        chat = _user_errors(lambda: self.registry.conversation(lm, self._pick(args.system, self.system)))
         send: dict[str, Any] = {"max_tokens": self._pick(args.max_tokens, self.max_tokens)}
         if args.probs:
             send["top_logprobs"] = self.top_logprobs
@@ -245,6 +266,8 @@ class LLMMagics(Magics):
             "min_p": self._pick(args.min_p, self.min_p),
             "seed": self._pick(args.seed, self.seed),
         }
+        if args.draft:
+            options["draft_model"] = self._lm(args.draft)
         given = [f for f in ("schema", "json", "regex", "choices") if getattr(args, f)]
         if len(given) > 1:
             raise UsageError(
@@ -274,41 +297,16 @@ class LLMMagics(Magics):
         return default if flag is None else flag
 
     def _lm(self, name: str | None) -> Any:
-        if name:
-            return self.models[name] if name in self.models else self._load(name, None)
-        if self.current is None:
-            lm = self._load(self.model or None, None)
-            self.current = lm.name
-        return self.models[self.current]
+        return self.registry.model(name, self._load, self.model or None)
 
-    def _load(self, target: str | None, alias: str | None) -> Any:
+    def _load(self, target: str | None) -> Any:
         from .loading import load
 
         label = target or "the embedded default model"
         status = self._status(f"loading {label}…")
         lm = _user_errors(lambda: load(target))
         self._status(f"loaded {lm.name} in {lm.info.load_seconds:.1f} s", status)
-        self.models[alias or lm.name] = lm
         return lm
-
-    def _loaded(self, name: str | None) -> Any:
-        if name is None or name not in self.models:
-            loaded = ", ".join(self.models) or "none"
-            raise UsageError(f"expected the name of a loaded model ({loaded}), got {name!r}; use %llm load PATH")
-        return self.models[name]
-
-    def _conversation(self, lm: Any, system: str | None) -> Any:
-        from .chat import Chat
-
-        if self.chat is not None and self.chat.lm is not lm:
-            raise UsageError(
-                f"--chat: the conversation uses {self.chat.lm.name}; run %llm reset to start one with {lm.name}"
-            )
-        if self.chat is None:
-            self.chat = Chat(lm, system=system)
-        elif system is not None and system != self.chat.system:
-            self.chat.system = system  # later turns see the new system message
-        return self.chat
 
     def _widgets(self) -> bool:
         if self.view != "auto":

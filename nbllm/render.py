@@ -40,6 +40,8 @@ STYLE = """<style>
 .nbllm .t.b{outline:1px solid #9996;margin:0 1px}
 .nbllm .t.f{border-bottom:2px dashed #7a3cc2}
 .nbllm .t.s{color:#888;font-size:smaller}
+.nbllm .t.d{text-decoration:underline dotted #15803d 2px}
+.nbllm .t.r{text-decoration:underline wavy #c2410c 1px}
 .nbllm .t[data-a]:hover::after,.nbllm .t[data-a]:focus::after{content:attr(data-a);position:absolute;left:0;top:1.6em;z-index:20;
  background:#222;color:#eee;padding:4px 6px;border-radius:4px;white-space:pre;font-size:12px;line-height:1.4;pointer-events:none}
 .nbllm-dist td{padding:1px 6px;font-family:var(--jp-code-font-family,monospace);font-size:12px;white-space:pre}
@@ -80,6 +82,10 @@ def alternatives_text(token: Token, k: int = 10) -> str:
     lines = [f"{token.prob:6.1%} chosen {_piece(token.piece)}" + (" · forced" if token.forced else "")]
     if token.masked_prob is not None:
         lines.append(f"constraint removed {token.masked_prob:.1%} of the model's probability")
+    if token.from_draft:
+        lines.append("proposed by the draft model, kept by the model")
+    elif token.accepted is False:
+        lines.append("the model's own: it refused the draft's proposal here")
     for alt in token.top[:k]:
         mark = "▸" if alt.id == token.id else " "
         sampled = f"  (sampler {alt.sampled_prob:.1%})" if alt.sampled_prob is not None else ""
@@ -106,6 +112,7 @@ def token_span(token: Token, *, colored: bool = True, boundaries: bool = False, 
     if token.special:
         text = text + f"⟨{token.piece or 'eos'}⟩" if boundaries or colored else text
     cls = "t" + (" b" if boundaries else "") + (" f" if token.forced else "") + (" s" if token.special else "")
+    cls += " d" if token.from_draft else (" r" if token.accepted is False else "")
     attrs = f' class="{cls}"'
     if colored:
         attrs += f' style="background:{prob_color(token.prob)}"'

@@ -34,7 +34,7 @@ _CELL = (
 
 
 def _short(piece: str, n: int = 8) -> str:
-    text = repr(piece)[1:-1]
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in piece.replace("\n", "↵"))
     return text if len(text) <= n else text[: n - 1] + "…"
 
 

@@ -192,3 +192,60 @@ def test_inside_views_need_a_local_model(lm: nbllm.LM) -> None:
     for call in (nbllm.inside.logit_lens, nbllm.inside.attention, nbllm.inside.score):
         with pytest.raises(ValueError, match="needs a local MLX model"):
             call(Remote(), "Hi")
+
+
+def test_inside_views_draw_their_records_and_redraw_on_their_controls(lm: nbllm.LM) -> None:
+    from nbllm.widgets import AttentionView, CompareView, LogitLensView, SurpriseView
+
+    lens = LogitLensView(lm.logit_lens("The capital of France is", raw=True))
+    assert lens.chart.value.count("lens-cell") == lens.lens.n_layers * len(lens.lens.tokens)
+    before = lens.chart.value
+    lens.colour.value = "entropy"
+    assert lens.chart.value != before and "entropy (green" in lens.chart.value
+    assert "lens-cell" in lens._repr_mimebundle_()["text/html"] and lens.figure().axes
+    amap = lm.attention("The capital of France is", raw=True)
+    view = AttentionView(amap)
+    mean = view.chart.value
+    view.head.value = 1
+    assert view.chart.value != mean and "<line" in view.chart.value and view.figure().axes
+    scored = lm.score("The capital of France is a city")
+    surprise = SurpriseView(scored)
+    assert f"perplexity {scored.perplexity:.2f}" in surprise.children[0].value and surprise.figure().axes
+    cmp = CompareView(nbllm.compare(lm, (lm, {"temperature": 1.5, "seed": 3}), "Hi", max_tokens=6))
+    assert "diverges at token" in cmp.children[0].value and cmp.figure().axes
+
+
+def test_magic_flags_show_the_inside_views(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nbllm")
+    try:
+        shell.run_line_magic("llm", f"load {model_dir / 'llama'}")
+        shell.run_cell_magic("llm", "--lens --raw -o lens", "The capital of France is")
+        shell.run_cell_magic("llm", "--attention --raw -o att", "The capital of France is")
+        shell.run_cell_magic("llm", "--score -o sc", "The capital of France is a city")
+        assert isinstance(shell.user_ns["lens"], nbllm.LogitLens) and isinstance(
+            shell.user_ns["att"], nbllm.AttentionMap
+        )
+        assert isinstance(shell.user_ns["sc"], nbllm.Scored)
+        shell.run_cell_magic("llm", f"--draft {model_dir / 'llama'} -n 6 -o spec", "Hello there")
+        assert all(t.from_draft or t.accepted is not True for t in shell.user_ns["spec"].tokens)
+        assert shell.user_ns["spec"].stats.acceptance_rate == 1.0  # the model as its own draft
+        with pytest.raises(UsageError, match="expected one of --lens/--attention/--score"):
+            shell.run_cell_magic("llm", "--lens --score", "Hi")
+    finally:
+        shell.run_line_magic("unload_ext", "nbllm")
+        capsys.readouterr()
+
+
+def test_speculative_tokens_are_marked_in_the_stream_view(lm: nbllm.LM, draft: nbllm.LM) -> None:
+    from nbllm import render
+
+    tokens = lm.generate("Hello there", max_tokens=12, draft_model=lm, logit_bias=_no_eos(lm)).tokens
+    html = render.tokens_html(tokens)
+    assert html.count('class="t d"') == sum(t.from_draft for t in tokens) > 0
+    assert "proposed by the draft model" in render.alternatives_text(next(t for t in tokens if t.from_draft))
+    poor = lm.generate("Hello there", max_tokens=12, draft_model=draft, logit_bias=_no_eos(lm)).tokens
+    assert any(t.accepted is False for t in poor) and ' r"' in render.tokens_html(poor)

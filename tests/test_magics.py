@@ -85,7 +85,9 @@ def test_config_sets_defaults(shell: InteractiveShell, magics: LLMMagics) -> Non
     assert len(d.tokens) == 4 and magics.temperature == 0.9
     assert (
         d.text
-        == nbllm.generate(magics.models[magics.current], "Hello there", max_tokens=4, temperature=0.9, seed=5).text
+        == nbllm.generate(
+            magics.registry.models[magics.registry.current], "Hello there", max_tokens=4, temperature=0.9, seed=5
+        ).text
     )
     cell(shell, "-n 2 -o e")  # a flag beats the default
     assert len(shell.user_ns["e"].tokens) == 2
@@ -155,20 +157,20 @@ def test_help_lists_the_flags(shell: InteractiveShell, capsys: pytest.CaptureFix
 def test_line_magic_load_use_list_info(
     shell: InteractiveShell, magics: LLMMagics, model_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    first = magics.current
+    first = magics.registry.current
     lm = shell.run_line_magic("llm", f"load {model_dir / 'qwen3'} --as q")
-    assert magics.current == "q" and lm.info.architecture == "qwen3"
+    assert magics.registry.current == "q" and lm.info.architecture == "qwen3"
     cell(shell, "-n 2 -o qo")
     assert shell.user_ns["qo"].stats.prompt_tokens == len(list(lm.encode("Hello there").ids))
     cell(shell, f"-m {first} -n 2 -o lo")  # -m for one cell, selection unchanged
-    assert magics.current == "q"
+    assert magics.registry.current == "q"
     capsys.readouterr()
     shell.run_line_magic("llm", "list")
     assert "* q:" in capsys.readouterr().out
     shell.run_line_magic("llm", f"use {first}")
-    assert shell.run_line_magic("llm", "info") is magics.models[first]
+    assert shell.run_line_magic("llm", "info") is magics.registry.models[first]
     shell.run_line_magic("llm", "unload q")
-    assert "q" not in magics.models
+    assert "q" not in magics.registry.models
 
 
 def test_step_opens_a_stepper_on_the_real_model(shell: InteractiveShell, lm: nbllm.LM) -> None:
@@ -183,7 +185,7 @@ def test_chat_continues_the_notebook_conversation(shell: InteractiveShell, magic
     shell.run_line_magic("llm", "reset")
     cell(shell, "--chat -n 4 -o c1", "Hi")
     cell(shell, "--chat -n 4 -o c2", "And again")
-    chat = magics.chat
+    chat = magics.registry.chat
     assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
     assert chat.history[1]["content"] == shell.user_ns["c1"].text
     assert shell.user_ns["c2"].stats.cached_tokens > 0
@@ -255,7 +257,7 @@ def test_image_flag_with_a_vision_model(shell: InteractiveShell, magics: LLMMagi
 
     folder = make_vision_model(tmp_path / "qwen2_vl", "qwen2_vl")
     make_image(64, 48).save(tmp_path / "a.png")
-    first = magics.current
+    first = magics.registry.current
     vlm = shell.run_line_magic("llm", f"load {folder} --as vision")
     try:
         cell(shell, f"--image {tmp_path / 'a.png'} -n 4 -o vi", "What is in this picture?")
@@ -278,13 +280,13 @@ def test_without_a_selected_model_the_embedded_default_loads(shell: InteractiveS
     from nbllm.loading import DEFAULT_MODEL_PATH
 
     assert (DEFAULT_MODEL_PATH / "config.json").exists()
-    selected = magics.current
-    magics.current = None
+    selected = magics.registry.current
+    magics.registry.current = None
     try:
         cell(shell, "-n 5 -o dm", "What is the capital of France?")
-        assert magics.current == "nbllm/default-model"
+        assert magics.registry.current == "nbllm/default-model"
         reference = nbllm.generate(nbllm.load(), "What is the capital of France?", max_tokens=5)
         assert [t.id for t in shell.user_ns["dm"].tokens] == [t.id for t in reference.tokens]
     finally:
-        magics.models.pop("nbllm/default-model", None)
-        magics.current = selected
+        magics.registry.models.pop("nbllm/default-model", None)
+        magics.registry.current = selected

@@ -642,7 +642,7 @@ def test_magic_flags_fuzz_gives_only_usage_errors(shell: Any, capsys: pytest.Cap
     @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
     @hypothesis.given(parts, bodies, actions, parts)
     def check(cell_parts: list[str], body: str, action: str, line_parts: list[str]) -> None:
-        models = dict(llm.models)
+        models = dict(llm.registry.models)
         for run in (
             lambda: shell.run_cell_magic("llm", " ".join(cell_parts), body),
             lambda: shell.run_line_magic("llm", " ".join([action, *line_parts])),
@@ -654,9 +654,9 @@ def test_magic_flags_fuzz_gives_only_usage_errors(shell: Any, capsys: pytest.Cap
             finally:
                 capsys.readouterr()
             # A failed load or unload leaves the registry of loaded models as it was (or one model more, loaded).
-            assert set(models) <= set(llm.models) or action == "unload"
-        llm.models.update({k: v for k, v in models.items() if k not in llm.models})
-        llm.current = next(iter(models))
+            assert set(models) <= set(llm.registry.models) or action == "unload"
+        llm.registry.models.update({k: v for k, v in models.items() if k not in llm.registry.models})
+        llm.registry.current = next(iter(models))
 
     check()
 
@@ -665,13 +665,13 @@ def test_a_failed_load_leaves_the_magics_registry_as_it_was(shell: Any) -> None:
     from IPython.core.error import UsageError
 
     llm = next(c for c in shell.configurables if type(c).__name__ == "LLMMagics")
-    before, current = dict(llm.models), llm.current
+    before, current = dict(llm.registry.models), llm.registry.current
     for target in ("/no/such/model", "nobody/nothing-offline", str(Path(__file__))):
         with pytest.raises(UsageError):
             shell.run_line_magic("llm", f"load {target}")
         with pytest.raises(UsageError):
             shell.run_cell_magic("llm", f"-m {target}", "Hi")
-        assert llm.models == before and llm.current == current
+        assert llm.registry.models == before and llm.registry.current == current
 
 
 def test_chat_widget_survives_an_error_while_generating(lm: nbllm.LM) -> None:

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from .chat import ChatWidget
 from .distribution import DistributionView
+from .inside import AttentionView, CompareView, LogitLensView, SurpriseView
 from .stepper import StepperWidget
 from .stream import StreamView
 from .text import TextView
 
-__all__ = ["StreamView", "TextView", "DistributionView", "StepperWidget", "ChatWidget"]
+__all__ = [
+    "StreamView",
+    "TextView",
+    "DistributionView",
+    "StepperWidget",
+    "ChatWidget",
+    "LogitLensView",
+    "AttentionView",
+    "SurpriseView",
+    "CompareView",
+]

@@ -70,6 +70,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, seed: int) ->
             "from nbllm.widgets import ChatWidget\neos = next(iter(lm.tokenizer.eos_token_ids))\n"
             "chat = ChatWidget(lm, max_tokens=100_000, logit_bias={eos: -1e9})\nchat",
             "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history), s.generated_tokens)",
+            "%%llm --lens --raw -o lens\nThe model cache prompt",
+            "%%llm --attention --raw\nThe model cache prompt",
         ],
     )
     write_notebook(
@@ -242,3 +244,34 @@ def test_notebook7_streams_and_steps(browser: Any, lab: Lab, lm: nbllm.LM, seed:
         pg.screenshot(path=str(ARTIFACTS / "05-notebook7.png"), full_page=True)
     finally:
         pg.close()
+
+
+def test_inside_views_render_heatmaps_with_hovers(page: Any, lm: nbllm.LM) -> None:
+    """The logit lens and attention heatmaps render in the browser, hovers show tokens, controls redraw in the kernel."""
+    n = len(lm.encode("The model cache prompt", raw=True))
+    c = run_cell(page, 5)
+    lens = c.locator(".nbllm-lens-view")
+    lens.wait_for()
+    cells = lens.locator("td.lens-cell")
+    expect(cells).to_have_count(len(lm.model.layers) * n)
+    tip = cells.first.get_attribute("title") or ""
+    assert "%" in tip and "final token" in tip and "entropy" in tip
+    expect(lens.locator("caption")).to_contain_text("probability of the token the full model predicts")
+    lens.get_by_role("button", name="entropy").click()
+    expect(lens.locator("caption")).to_contain_text("entropy")
+    c.screenshot(path=str(ARTIFACTS / "05-lens.png"))
+    ac = run_cell(page, 6)
+    a = ac.locator(".nbllm-attention-view")
+    a.wait_for()
+    expect(a.locator("table.nbllm-attention tr")).to_have_count(n + 1)
+    first = a.locator("table.nbllm-attention td").first.get_attribute("title") or ""
+    assert "→" in first and re.search(r"\d\.\d{3}", first)
+    before = a.locator("table.nbllm-attention").inner_html()
+    assert a.locator("svg.nbllm-attention-lines line").count() > 0
+    a.locator("select").nth(1).select_option(label="head 0")
+    for _ in range(100):  # the kernel redraws; the new table arrives
+        if a.locator("table.nbllm-attention").inner_html() != before:
+            break
+        page.wait_for_timeout(100)
+    assert a.locator("table.nbllm-attention").inner_html() != before  # one head is not the heads' mean
+    ac.screenshot(path=str(ARTIFACTS / "06-attention.png"))
