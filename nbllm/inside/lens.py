@@ -18,6 +18,7 @@ import mlx.core as mx
 from ..tokens import Alternative
 from .hooks import capture_layers, decoder_of
 from .run import forward, needs_local
+from .stats import position_stats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,24 +92,18 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
     prompt = lm.encode(prompt, **encode)
     with capture_layers(decoder) as streams:
         logits = forward(lm, prompt)  # the model's own output, [positions, vocab]
-    predicted = mx.argmax(logits, axis=-1)
-    rows: dict[str, list[Any]] = {k: [] for k in ("prob", "rank", "entropy", "ids", "probs")}
+    predicted = np.asarray(mx.argmax(logits, axis=-1))
+    rows: dict[str, list[Any]] = {k: [] for k in ("prob", "rank", "entropy", "ids", "lps")}
     for hidden in streams:
-        logprobs = _logprobs(decoder.logits(hidden[0]).astype(mx.float32))
-        own = mx.take_along_axis(logprobs, predicted[:, None], axis=-1)
-        ids = mx.argpartition(-logprobs, top_k - 1, axis=-1)[:, :top_k]
-        probs = mx.exp(mx.take_along_axis(logprobs, ids, axis=-1))
-        order = mx.argsort(-probs, axis=-1)
-        cell = {
-            "prob": mx.exp(own[:, 0]),
-            "rank": mx.sum(logprobs > own, axis=-1),
-            "entropy": -mx.sum(mx.exp(logprobs) * mx.where(logprobs > -mx.inf, logprobs, 0), axis=-1),
-            "ids": mx.take_along_axis(ids, order, axis=-1),
-            "probs": mx.take_along_axis(probs, order, axis=-1),
-        }
-        mx.eval(list(cell.values()))
-        for key, value in cell.items():
-            rows[key].append(np.array(value))
+        got = position_stats(np.asarray(decoder.logits(hidden[0]).astype(mx.float32)), predicted, top_k)
+        for key, value in (
+            ("prob", np.exp(got.logprob)),
+            ("rank", got.rank),
+            ("entropy", got.entropy),
+            ("ids", got.top_ids),
+            ("lps", got.top_logprobs),
+        ):
+            rows[key].append(value)
     pieces = tuple(_piece(lm, i) for i in prompt.ids)
     return LogitLens(
         tokens=pieces,
@@ -118,13 +113,9 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
         final_rank=np.stack(rows["rank"]),
         entropy=np.stack(rows["entropy"]),
         top_ids=np.stack(rows["ids"]),
-        top_probs=np.stack(rows["probs"]),
+        top_probs=np.exp(np.stack(rows["lps"])),
         label=lambda i: _piece(lm, i),
     )
-
-
-def _logprobs(logits: mx.array) -> mx.array:
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def _piece(lm: Any, token: int) -> str:

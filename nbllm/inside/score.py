@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..decode import TextAssembler, piece_of
 from ..prompt import Prompt
 from ..tokens import Alternative, Token
 from .run import forward, needs_local
+from .stats import position_stats
 
 __all__ = ["Scored", "score"]
 
@@ -91,16 +93,16 @@ def score(
         targets = ids[start + 1 : start + 1 + logits.shape[0]]
         if not targets:  # the last position predicts past the text
             return
-        lp = logits[: len(targets)].astype(mx.float32)
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)
-        rank = mx.sum(lp > chosen, axis=-1)
-        entropy = -mx.sum(mx.exp(lp) * mx.where(lp > -mx.inf, lp, 0), axis=-1)
-        top = mx.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k] if top_k else mx.zeros((len(targets), 0), mx.int32)
-        top_lp = mx.take_along_axis(lp, top, axis=-1)
-        mx.eval(chosen, rank, entropy, top, top_lp)
-        columns = [cast(list, a.tolist()) for a in (chosen[:, 0], rank, entropy, top, top_lp)]
-        figures.extend(zip(*columns))
+        got = position_stats(np.asarray(logits[: len(targets)].astype(mx.float32)), np.array(targets), top_k)
+        figures.extend(
+            zip(
+                got.logprob.tolist(),
+                got.rank.tolist(),
+                got.entropy.tolist(),
+                got.top_ids.tolist(),
+                got.top_logprobs.tolist(),
+            )
+        )
 
     forward(lm, prompt, chunk=chunk, each=measure)
     text_out = TextAssembler(lm.tokenizer, continuation=True)
