@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import importlib.machinery
 import os
 import platform
 import sys
@@ -68,6 +69,10 @@ def _find() -> str | None:
 
 
 def _shim_file() -> Path | None:
+    # this interpreter's build first; any other works too (the shim does not use Python's ABI)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (_HERE / f"_gemv_shim{suffix}").exists():
+            return _HERE / f"_gemv_shim{suffix}"
     hits = sorted(_HERE.glob("_gemv_shim*.so"))
     return hits[0] if hits else None
 
