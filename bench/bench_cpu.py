@@ -130,6 +130,11 @@ def child(args: argparse.Namespace) -> None:
     run_once(model, 32, 4, args.chunk)  # warm-up
     for n in args.lengths:
         runs[str(n)] = run_once(model, n, args.tokens, args.chunk)
+    for rep in range(args.interleave_reps):  # chunk sizes side by side in one process: paired under the same load
+        order = args.interleave if rep % 2 == 0 else args.interleave[::-1]
+        for n in args.lengths_interleaved:
+            for c in order:
+                runs.setdefault(f"{n}/{c}", []).append(run_once(model, n, 1, c)["prefill"])
     blas = sys.modules.get("nbllm.blas")  # only the nbllm configurations import it
     note["shim_calls"] = blas.shim_calls() if blas else None
     note["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,11 +143,11 @@ def child(args: argparse.Namespace) -> None:
 
 # -- the parent ------------------------------------------------------------------
 def spawn(config: str, folder: Path, lengths: list[int], tokens: int, chunk: int, cold: int = 0,
-          extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+          extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NBLLM_", "OPENBLAS_"))}
     env.update(CONFIGS[config], **(extra_env or {}))
     cmd = [sys.executable, __file__, "--child", "--config", config, "--folder", str(folder), "--tokens", str(tokens),
-           "--chunk", str(chunk), "--cold", str(cold), "--lengths", *map(str, lengths)]
+           "--chunk", str(chunk), "--cold", str(cold), "--lengths", *map(str, lengths), *(extra_args or [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"bench_cpu: {config} failed:\n{out.stderr[-3000:]}")
@@ -160,6 +165,35 @@ def _load_avg() -> str:
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def paired(args: argparse.Namespace, folder: Path, chunks: list[int], long: int) -> None:
+    """Decode ratios taken round by round (configurations seconds apart), and chunk sizes timed in one process."""
+    names = [BASELINE, "nbllm before", "nbllm after"]
+    rounds: list[dict[str, float]] = []
+    for r in range(args.paired):
+        rounds.append({c: spawn(c, folder, [256], 64, 2048)["runs"]["256"]["decode"] for c in names})
+        print(f"  paired round {r + 1}: " + ", ".join(f"{c} {v:.2f}" for c, v in rounds[-1].items()), flush=True)
+    extra = ["--interleave", *map(str, chunks), "--interleave-reps", str(args.interleave_reps or 1),
+             "--lengths-interleaved", "2048", str(long)]
+    sweep = spawn("nbllm after", folder, [], 1, 2048, extra_args=extra)["runs"]
+    print(f"\nDecode tok/s after a 256-token prompt, 64 greedy tokens, {args.paired} rounds "
+          f"(load average {_load_avg()} at the end)")
+    for c in names:
+        print(f"  {c:<24} median {statistics.median(r[c] for r in rounds):5.2f}  runs " +
+              " ".join(f"{r[c]:.2f}" for r in rounds))
+    for c in names[1:]:
+        ratios = [r[c] / r[BASELINE] for r in rounds]
+        print(f"  {c} / {BASELINE}: median of per-round ratios {statistics.median(ratios):.2f}x  "
+              f"({' '.join(f'{x:.2f}' for x in ratios)})")
+    ratios = [r["nbllm after"] / r["nbllm before"] for r in rounds]
+    print(f"  nbllm after / nbllm before: {statistics.median(ratios):.2f}x ({' '.join(f'{x:.2f}' for x in ratios)})")
+    print("\nPrefill tok/s by chunk size, one process, sizes interleaved (order reversed on the 2nd pass)")
+    for n in (2048, long):
+        print(f"  @{n}: " + "  ".join(f"{c}: {statistics.median(sweep[f'{n}/{c}']):.1f} "
+                                      f"({'/'.join(f'{x:.1f}' for x in sweep[f'{n}/{c}'])})" for c in chunks))
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rounds, "sweep": sweep}, indent=1))
 
 
 def main() -> None:
@@ -180,6 +214,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--cold", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--interleave-reps", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--lengths-interleaved", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--paired", type=int, default=0,
+                    help="instead of the full run: N rounds of short decode processes (raw fp32, before, after) "
+                         "and one process timing the chunk sizes side by side; ratios taken round by round")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -197,6 +237,8 @@ def main() -> None:
             raise SystemExit(f"bench_cpu: could not build the model:\n{out.stderr[-3000:]}")
     start_load, t0 = _load_avg(), time.time()
     print(f"load average at start (1/5/15 min): {start_load}  ({os.cpu_count()} CPUs)", flush=True)
+    if args.paired:
+        return paired(args, folder, chunks, long)
 
     # 1. chunk sweep (nbllm after: prefill does not touch the shim, every chunk is a one-row-free GEMM)
     sweep: dict[int, list[dict[str, Any]]] = {c: [] for c in chunks}
