@@ -37,9 +37,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2-135M(-Instruct)'s config.json, less the token ids.
 SMOLLM2_135M: dict[str, Any] = {
-    "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
-    "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
 }
 CONFIGS: dict[str, dict[str, str]] = {  # name -> environment of its process
     "mlx-lm bf16": {},
@@ -57,7 +65,6 @@ def build_model(folder: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
-
     from nbllm.fixtures import build_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,12 +149,36 @@ def child(args: argparse.Namespace) -> None:
 
 
 # -- the parent ------------------------------------------------------------------
-def spawn(config: str, folder: Path, lengths: list[int], tokens: int, chunk: int, cold: int = 0,
-          extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> dict[str, Any]:
+def spawn(
+    config: str,
+    folder: Path,
+    lengths: list[int],
+    tokens: int,
+    chunk: int,
+    cold: int = 0,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NBLLM_", "OPENBLAS_"))}
     env.update(CONFIGS[config], **(extra_env or {}))
-    cmd = [sys.executable, __file__, "--child", "--config", config, "--folder", str(folder), "--tokens", str(tokens),
-           "--chunk", str(chunk), "--cold", str(cold), "--lengths", *map(str, lengths), *(extra_args or [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--config",
+        config,
+        "--folder",
+        str(folder),
+        "--tokens",
+        str(tokens),
+        "--chunk",
+        str(chunk),
+        "--cold",
+        str(cold),
+        "--lengths",
+        *map(str, lengths),
+        *(extra_args or []),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"bench_cpu: {config} failed:\n{out.stderr[-3000:]}")
@@ -174,24 +205,42 @@ def paired(args: argparse.Namespace, folder: Path, chunks: list[int], long: int)
     for r in range(args.paired):
         rounds.append({c: spawn(c, folder, [256], 64, 2048)["runs"]["256"]["decode"] for c in names})
         print(f"  paired round {r + 1}: " + ", ".join(f"{c} {v:.2f}" for c, v in rounds[-1].items()), flush=True)
-    extra = ["--interleave", *map(str, chunks), "--interleave-reps", str(args.interleave_reps or 1),
-             "--lengths-interleaved", "2048", str(long)]
+    extra = [
+        "--interleave",
+        *map(str, chunks),
+        "--interleave-reps",
+        str(args.interleave_reps or 1),
+        "--lengths-interleaved",
+        "2048",
+        str(long),
+    ]
     sweep = spawn("nbllm after", folder, [], 1, 2048, extra_args=extra)["runs"]
-    print(f"\nDecode tok/s after a 256-token prompt, 64 greedy tokens, {args.paired} rounds "
-          f"(load average {_load_avg()} at the end)")
+    print(
+        f"\nDecode tok/s after a 256-token prompt, 64 greedy tokens, {args.paired} rounds "
+        f"(load average {_load_avg()} at the end)"
+    )
     for c in names:
-        print(f"  {c:<24} median {statistics.median(r[c] for r in rounds):5.2f}  runs " +
-              " ".join(f"{r[c]:.2f}" for r in rounds))
+        print(
+            f"  {c:<24} median {statistics.median(r[c] for r in rounds):5.2f}  runs "
+            + " ".join(f"{r[c]:.2f}" for r in rounds)
+        )
     for c in names[1:]:
         ratios = [r[c] / r[BASELINE] for r in rounds]
-        print(f"  {c} / {BASELINE}: median of per-round ratios {statistics.median(ratios):.2f}x  "
-              f"({' '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"  {c} / {BASELINE}: median of per-round ratios {statistics.median(ratios):.2f}x  "
+            f"({' '.join(f'{x:.2f}' for x in ratios)})"
+        )
     ratios = [r["nbllm after"] / r["nbllm before"] for r in rounds]
     print(f"  nbllm after / nbllm before: {statistics.median(ratios):.2f}x ({' '.join(f'{x:.2f}' for x in ratios)})")
     print("\nPrefill tok/s by chunk size, one process, sizes interleaved (order reversed on the 2nd pass)")
     for n in (2048, long):
-        print(f"  @{n}: " + "  ".join(f"{c}: {statistics.median(sweep[f'{n}/{c}']):.1f} "
-                                      f"({'/'.join(f'{x:.1f}' for x in sweep[f'{n}/{c}'])})" for c in chunks))
+        print(
+            f"  @{n}: "
+            + "  ".join(
+                f"{c}: {statistics.median(sweep[f'{n}/{c}']):.1f} ({'/'.join(f'{x:.1f}' for x in sweep[f'{n}/{c}'])})"
+                for c in chunks
+            )
+        )
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "sweep": sweep}, indent=1))
 
@@ -203,7 +252,9 @@ def main() -> None:
     ap.add_argument("--bf16-rounds", type=int, default=1, help="rounds for the slow bf16 row")
     ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds for the chunk-size sweep")
     ap.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    ap.add_argument("--after-chunk", type=int, default=0, help="chunk for 'nbllm after' (default: fastest in the sweep)")
+    ap.add_argument(
+        "--after-chunk", type=int, default=0, help="chunk for 'nbllm after' (default: fastest in the sweep)"
+    )
     ap.add_argument("--with-threads", action="store_true", help="also the OPENBLAS_NUM_THREADS=1 row")
     ap.add_argument("--json", type=Path, help="also save every measurement here")
     ap.add_argument("--folder", type=Path, help="model folder (built if missing)")
@@ -217,9 +268,13 @@ def main() -> None:
     ap.add_argument("--interleave", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--interleave-reps", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--lengths-interleaved", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
-    ap.add_argument("--paired", type=int, default=0,
-                    help="instead of the full run: N rounds of short decode processes (raw fp32, before, after) "
-                         "and one process timing the chunk sizes side by side; ratios taken round by round")
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="instead of the full run: N rounds of short decode processes (raw fp32, before, after) "
+        "and one process timing the chunk sizes side by side; ratios taken round by round",
+    )
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -230,9 +285,16 @@ def main() -> None:
     chunks = [c for c in args.chunks if not args.quick or c <= 256] or [256]
     folder = args.folder or Path(tempfile.gettempdir()) / "nbllm-bench-smollm2-135m-shape"
     if not (folder / "model.safetensors").exists():
-        out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
-                              f"import bench_cpu; bench_cpu.build_model(__import__('pathlib').Path({str(folder)!r}))"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                f"import bench_cpu; bench_cpu.build_model(__import__('pathlib').Path({str(folder)!r}))",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             raise SystemExit(f"bench_cpu: could not build the model:\n{out.stderr[-3000:]}")
     start_load, t0 = _load_avg(), time.time()
@@ -246,8 +308,9 @@ def main() -> None:
         for c in chunks:
             sweep[c].append(spawn("nbllm after", folder, [lengths[-1]], 1, c, cold=long))
             print(f"  sweep round {r + 1}: chunk {c} done", flush=True)
-    sweep_med = {c: {k: _median([s["runs"][k]["prefill"] for s in sweep[c]]) for k in ("cold", str(lengths[-1]))}
-                 for c in chunks}
+    sweep_med = {
+        c: {k: _median([s["runs"][k]["prefill"] for s in sweep[c]]) for k in ("cold", str(lengths[-1]))} for c in chunks
+    }
     best = max(chunks, key=lambda c: (sweep_med[c][str(lengths[-1])] or 0) + (sweep_med[c]["cold"] or 0))
     after_chunk = args.after_chunk or best
 
@@ -264,8 +327,10 @@ def main() -> None:
     end_load = _load_avg()
 
     # 3. the tables
-    print(f"\nSmolLM2-135M shape (30x576, 9/3 heads, MLP 1536, vocab 49,152, tied), random weights stored bf16; "
-          f"greedy, {tokens} new tokens; medians of {rounds} processes ({args.bf16_rounds} for bf16)")
+    print(
+        f"\nSmolLM2-135M shape (30x576, 9/3 heads, MLP 1536, vocab 49,152, tied), random weights stored bf16; "
+        f"greedy, {tokens} new tokens; medians of {rounds} processes ({args.bf16_rounds} for bf16)"
+    )
     print(f"load average at start: {start_load}; at end: {end_load}; {(time.time() - t0) / 60:.0f} min\n")
     head = f"{'configuration':<28} {'prompt':>6} {'prefill tok/s':>13} {'decode tok/s':>12} {'MLX peak MB':>11} {'max RSS MB':>10}"
     print(head + "\n" + "-" * len(head))
@@ -276,8 +341,10 @@ def main() -> None:
             m["rss"] = _median([p["max_rss_mb"] for p in procs])
             med[(config, n)] = m
             label = config + (f" (chunk {after_chunk})" if config.startswith("nbllm after") and n > after_chunk else "")
-            print(f"{label:<28} {n:>6} {_fmt(m['prefill']):>13} {_fmt(m['decode']):>12} "
-                  f"{_fmt(m['peak_mb'], '.0f'):>11} {_fmt(m['rss'], '.0f'):>10}")
+            print(
+                f"{label:<28} {n:>6} {_fmt(m['prefill']):>13} {_fmt(m['decode']):>12} "
+                f"{_fmt(m['peak_mb'], '.0f'):>11} {_fmt(m['rss'], '.0f'):>10}"
+            )
     for config, procs in results.items():
         print(f"  {config}: {procs[0]['blas']}; shim calls {procs[0]['shim_calls']}")
 
@@ -292,22 +359,32 @@ def main() -> None:
                 parts.append(f"{k} @{n}: {a / b:.2f}x" if a and b else f"{k} @{n}: -")
         print(f"  {config:<28} " + "  ".join(parts))
 
-    print(f"\nPrefill chunk sweep (nbllm after; prefill tok/s, medians of {sweep_rounds} processes; the {long}-token "
-          f"prompt is each process's first request (cold: nothing cached, nothing warmed up))")
+    print(
+        f"\nPrefill chunk sweep (nbllm after; prefill tok/s, medians of {sweep_rounds} processes; the {long}-token "
+        f"prompt is each process's first request (cold: nothing cached, nothing warmed up))"
+    )
     print(f"{'chunk':>6} {f'@{lengths[-1]}':>8} {f'@{long} cold':>10} {'cold TTFT s':>11}")
     for c in chunks:
         ttft = _median([s["runs"]["cold"]["ttft"] for s in sweep[c]])
         print(f"{c:>6} {_fmt(sweep_med[c][str(lengths[-1])]):>8} {_fmt(sweep_med[c]['cold']):>10} {_fmt(ttft):>11}")
-    print(f"fastest chunk over both lengths: {best}" + (f"; 'nbllm after' used {after_chunk}" if after_chunk != best else ""))
+    print(
+        f"fastest chunk over both lengths: {best}"
+        + (f"; 'nbllm after' used {after_chunk}" if after_chunk != best else "")
+    )
 
     try:
         import llama_cpp  # noqa: F401
+
         print("\nllama-cpp-python is importable, but its GGUF row is not written yet")
     except ImportError:
         print("\nllama-cpp-python not installed: no GGUF row (pip install llama-cpp-python builds it from source)")
     if args.json:
-        args.json.write_text(json.dumps({"load": [start_load, end_load], "results": results, "sweep": sweep,
-                                         "after_chunk": after_chunk}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"load": [start_load, end_load], "results": results, "sweep": sweep, "after_chunk": after_chunk},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 FOLDER = Path(tempfile.gettempdir()) / "nbllm-bench-smollm2-135m-shape"
@@ -41,9 +42,9 @@ def _time(fn: Callable[[], Any], repeats: int = 7) -> float:
 
 
 def part_ops() -> dict[str, float]:
-    import nbllm  # noqa: F401  (same process setup as the other parts)
-
     import mlx.core as mx
+
+    import nbllm  # noqa: F401  (same process setup as the other parts)
 
     x = mx.zeros((576,))
     mx.eval(x)
@@ -54,6 +55,7 @@ def part_ops() -> dict[str, float]:
             for _ in range(n):
                 y = y * 1.0001
             mx.eval(y)
+
         return run
 
     def build(n: int) -> Callable[[], None]:
@@ -61,6 +63,7 @@ def part_ops() -> dict[str, float]:
             y = x
             for _ in range(n):
                 y = y * 1.0001
+
         return run
 
     n = 600
@@ -68,14 +71,13 @@ def part_ops() -> dict[str, float]:
 
 
 def part_decode() -> dict[str, Any]:
-    import nbllm  # first: it loads the shim and OpenBLAS before mlx.core
-
     import mlx.core as mx
     import mlx.nn as nn
+    from bench_cpu import _prompt
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    from bench_cpu import _prompt
+    import nbllm  # first: it loads the shim and OpenBLAS before mlx.core
 
     model = nbllm.load(FOLDER).model
     prompt = mx.array(_prompt(256))
@@ -83,6 +85,7 @@ def part_decode() -> dict[str, Any]:
     def decode() -> None:
         stamps = [time.perf_counter() for _ in generate_step(prompt, model, max_tokens=33)]
         decode.ms = (stamps[-1] - stamps[0]) / 32 * 1e3  # type: ignore[attr-defined]
+
     per_token = []
     for _ in range(3):
         decode()
@@ -101,16 +104,21 @@ def part_decode() -> dict[str, Any]:
     token = mx.array([[1]])
     build = _time(lambda: model(token, cache=cache), 5)
     mb = sum(w.size * w.itemsize for w in weights) / 2**20
-    return {"ms_per_token": statistics.median(per_token), "ms_blas_only": blas_only * 1e3,
-            "ms_python_build": build * 1e3, "weight_mb": mb, "gb_per_s_blas": mb / 1024 / blas_only,
-            "blas": nbllm.blas.blas_status()["summary"]}
+    return {
+        "ms_per_token": statistics.median(per_token),
+        "ms_blas_only": blas_only * 1e3,
+        "ms_python_build": build * 1e3,
+        "weight_mb": mb,
+        "gb_per_s_blas": mb / 1024 / blas_only,
+        "blas": nbllm.blas.blas_status()["summary"],
+    }
 
 
 def part_attention() -> dict[str, Any]:
-    import nbllm  # first: it loads the shim and OpenBLAS before mlx.core
-
     import mlx.core as mx
     import mlx.nn as nn
+
+    import nbllm  # first: it loads the shim and OpenBLAS before mlx.core
 
     layer = nbllm.load(FOLDER).model.model.layers[0]
     linears = [m for _, m in layer.named_modules() if isinstance(m, nn.Linear)]
@@ -129,8 +137,12 @@ def part_attention() -> dict[str, Any]:
 PARTS: dict[str, Callable[[], Any]] = {"ops": part_ops, "decode": part_decode, "attention": part_attention}
 RUNS = {  # part -> environments, one process each
     "ops": [{}],
-    "decode": [{"NBLLM_GEMV": "0"}, {"NBLLM_GEMV": "1"}, {"NBLLM_GEMV": "0", "OPENBLAS_NUM_THREADS": "1"},
-               {"NBLLM_GEMV": "1", "OPENBLAS_NUM_THREADS": "1"}],
+    "decode": [
+        {"NBLLM_GEMV": "0"},
+        {"NBLLM_GEMV": "1"},
+        {"NBLLM_GEMV": "0", "OPENBLAS_NUM_THREADS": "1"},
+        {"NBLLM_GEMV": "1", "OPENBLAS_NUM_THREADS": "1"},
+    ],
     "attention": [{}, {"OPENBLAS_NUM_THREADS": "1"}],
 }
 

@@ -49,8 +49,12 @@ _BUILD_NOTE = _HERE / "_gemv_shim.build-error.txt"  # written by setup.py when t
 Status = dict[str, str | bool | None]
 _status: Status = {
     "active": "reference BLAS",  # "shim + OpenBLAS", "OpenBLAS" or "reference BLAS"
-    "loaded": False, "path": None, "reason": "not attempted",  # OpenBLAS
-    "shim": False, "shim_path": None, "shim_reason": "not attempted",
+    "loaded": False,
+    "path": None,
+    "reason": "not attempted",  # OpenBLAS
+    "shim": False,
+    "shim_path": None,
+    "shim_reason": "not attempted",
 }
 _shim: ctypes.CDLL | None = None
 _verified: bool | None = None  # did a real MLX matmul reach the shim? (None: not checked yet)
@@ -130,23 +134,30 @@ def enable_fast_blas() -> Status:
     elif setting.lower() in _OFF:
         _status.update(reason="turned off by NBLLM_BLAS", shim_reason="turned off by NBLLM_BLAS")
     elif "mlx.core" in sys.modules:
-        _status.update(reason="mlx.core was imported before nbllm; import nbllm first",
-                       shim_reason="mlx.core was imported before nbllm")
+        _status.update(
+            reason="mlx.core was imported before nbllm; import nbllm first",
+            shim_reason="mlx.core was imported before nbllm",
+        )
     else:
         path = setting if os.path.sep in setting else _find()
         if path is None:
-            _status.update(reason="no OpenBLAS found (apt-get install libopenblas0-pthread)",
-                           shim_reason="needs OpenBLAS")
+            _status.update(
+                reason="no OpenBLAS found (apt-get install libopenblas0-pthread)", shim_reason="needs OpenBLAS"
+            )
         else:
             # The shim must become global before OpenBLAS so MLX's cblas_sgemm binds to it.
             _shim, shim_path, shim_reason = _load_shim(path)
-            _status.update(shim=_shim is not None, shim_path=str(shim_path) if shim_path else None, shim_reason=shim_reason)
+            _status.update(
+                shim=_shim is not None, shim_path=str(shim_path) if shim_path else None, shim_reason=shim_reason
+            )
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 _status.update(loaded=True, path=path, reason="loaded")
             except OSError as err:
                 _status.update(reason=f"could not load {path}: {err}")
-    _status["active"] = "shim + OpenBLAS" if _shim is not None else "OpenBLAS" if _status["loaded"] else "reference BLAS"
+    _status["active"] = (
+        "shim + OpenBLAS" if _shim is not None else "OpenBLAS" if _status["loaded"] else "reference BLAS"
+    )
     return blas_status()
 
 
@@ -158,8 +169,10 @@ def shim_calls() -> dict[str, int] | None:
     """
     if _shim is None:
         return None
-    return {"forwarded": ctypes.c_ulonglong.in_dll(_shim, "nbllm_gemv_forwarded").value,
-            "passed": ctypes.c_ulonglong.in_dll(_shim, "nbllm_gemm_passed").value}
+    return {
+        "forwarded": ctypes.c_ulonglong.in_dll(_shim, "nbllm_gemv_forwarded").value,
+        "passed": ctypes.c_ulonglong.in_dll(_shim, "nbllm_gemm_passed").value,
+    }
 
 
 def _verify() -> bool | None:
@@ -188,8 +201,11 @@ def blas_status() -> Status:
     """
     status = dict(_status)
     if _verify() is False:
-        status.update(active="OpenBLAS" if status["loaded"] else "reference BLAS", shim=False,
-                      shim_reason="loaded, but MLX's matmuls do not reach it (its cblas_sgemm is bound elsewhere)")
+        status.update(
+            active="OpenBLAS" if status["loaded"] else "reference BLAS",
+            shim=False,
+            shim_reason="loaded, but MLX's matmuls do not reach it (its cblas_sgemm is bound elsewhere)",
+        )
     if status["active"] == "shim + OpenBLAS":
         status["summary"] = f"GEMV shim + OpenBLAS ({status['path']}): one-row matmuls run as sgemv"
     elif status["active"] == "OpenBLAS":

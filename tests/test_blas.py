@@ -47,8 +47,10 @@ def shim() -> ctypes.CDLL:
 
 
 def _counts(lib: ctypes.CDLL) -> tuple[int, int]:
-    return (ctypes.c_ulonglong.in_dll(lib, "nbllm_gemv_forwarded").value,
-            ctypes.c_ulonglong.in_dll(lib, "nbllm_gemm_passed").value)
+    return (
+        ctypes.c_ulonglong.in_dll(lib, "nbllm_gemv_forwarded").value,
+        ctypes.c_ulonglong.in_dll(lib, "nbllm_gemm_passed").value,
+    )
 
 
 def _strides(order: int, trans: int, ld: int) -> tuple[int, int]:
@@ -67,8 +69,19 @@ def _size(shape: tuple[int, int], strides: tuple[int, int]) -> int:
     return (shape[0] - 1) * strides[0] + (shape[1] - 1) * strides[1] + 4 if min(shape) > 0 else 4
 
 
-def run_case(lib: ctypes.CDLL, rng: np.random.Generator, order: int, ta: int, tb: int, M: int, N: int, K: int,
-             alpha: float, beta: float, pad: tuple[int, int, int] = (0, 0, 0)) -> str:
+def run_case(
+    lib: ctypes.CDLL,
+    rng: np.random.Generator,
+    order: int,
+    ta: int,
+    tb: int,
+    M: int,
+    N: int,
+    K: int,
+    alpha: float,
+    beta: float,
+    pad: tuple[int, int, int] = (0, 0, 0),
+) -> str:
     """Call the shim once and compare with numpy (float64); return which path it took."""
     lda = (K if ta == N_ else M) if order == ROW else (M if ta == N_ else K)
     ldb = (N if tb == N_ else K) if order == ROW else (K if tb == N_ else N)
@@ -95,7 +108,7 @@ def run_case(lib: ctypes.CDLL, rng: np.random.Generator, order: int, ta: int, tb
     case = f"order={order} ta={ta} tb={tb} M={M} N={N} K={K} alpha={alpha} beta={beta} ld={lda},{ldb},{ldc}"
     got = _view(C, (M, N), sc)
     assert np.all(np.isfinite(got)), f"non-finite result for {case}"
-    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * max(1.0, K ** 0.5), err_msg=case)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * max(1.0, K**0.5), err_msg=case)
     assert np.all(C[mask] == 7.0), f"wrote outside C for {case}"
     assert np.array_equal(A, a_copy) and np.array_equal(B, b_copy), f"inputs changed for {case}"
     assert after[0] + after[1] == before[0] + before[1] + 1, case
@@ -136,9 +149,14 @@ def test_conjugate_transpose_is_a_transpose_for_real_matrices(shim: ctypes.CDLL)
 def test_everything_else_goes_to_the_real_sgemm(shim: ctypes.CDLL, ta: int, tb: int) -> None:
     rng = np.random.default_rng(ta + 3 * tb)
     cases = [
-        (ROW, 2, 3, 5), (ROW, 17, 33, 9), (ROW, 64, 2, 128),  # more than one row and column
-        (COL, 1, 30, 12), (COL, 30, 1, 12), (COL, 1, 1, 5),  # column-major, even when one-row
-        (ROW, 1, 30, 0), (ROW, 30, 1, 0),  # K == 0: C = beta * C, which sgemv would skip
+        (ROW, 2, 3, 5),
+        (ROW, 17, 33, 9),
+        (ROW, 64, 2, 128),  # more than one row and column
+        (COL, 1, 30, 12),
+        (COL, 30, 1, 12),
+        (COL, 1, 1, 5),  # column-major, even when one-row
+        (ROW, 1, 30, 0),
+        (ROW, 30, 1, 0),  # K == 0: C = beta * C, which sgemv would skip
     ]
     for order, M, N, K in cases:
         for alpha, beta in [(1.0, 0.0), (0.5, 1.5)]:
@@ -159,8 +177,14 @@ def test_invalid_arguments_go_to_the_real_sgemm(shim: ctypes.CDLL, ta: int, lda:
 def _run(code: str, *args: str, **env: str) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter (BLAS loading is process-wide); return its last line as JSON."""
     full = {k: v for k, v in os.environ.items() if k not in ("NBLLM_GEMV", "NBLLM_BLAS")}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=dict(full, **env),
-                         cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=dict(full, **env),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -249,8 +273,13 @@ def test_reference_blas_and_bad_switch_values() -> None:
     off = _run(code, NBLLM_BLAS="0")
     assert off["active"] == "reference BLAS" and off["shim"] is False
     assert "NBLLM_BLAS" in off["summary"]
-    bad = subprocess.run([sys.executable, "-c", "import nbllm"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, NBLLM_GEMV="maybe"))
+    bad = subprocess.run(
+        [sys.executable, "-c", "import nbllm"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, NBLLM_GEMV="maybe"),
+    )
     assert bad.returncode != 0
     assert "NBLLM_GEMV: expected 0 or 1, got 'maybe'" in bad.stderr
 
@@ -269,8 +298,14 @@ dist.run_command("build_ext")
 
 def _build(tmp_path: Path, **env: str) -> Path:
     """Run setup.py's build_ext (the step pip runs) into tmp_path; return the package folder it fills."""
-    out = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / "lib"), str(tmp_path / "tmp")], cwd=ROOT,
-                         capture_output=True, text=True, env=dict(os.environ, **env), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD, str(tmp_path / "lib"), str(tmp_path / "tmp")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return tmp_path / "lib" / "nbllm"
 
@@ -286,8 +321,13 @@ def test_install_without_a_compiler_falls_back_to_plain_openblas(tmp_path: Path)
     shutil.copytree(ROOT / "nbllm", pkg, ignore=shutil.ignore_patterns("*.so", "assets", "__pycache__"))
     shutil.copy(note, pkg / note.name)
     code = "import json, nbllm.blas as b; print(json.dumps([b.__file__, b.blas_status()]))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     where, status = json.loads(out.stdout.splitlines()[-1])
     assert Path(where).parent == pkg
