@@ -65,7 +65,8 @@ def build_model(folder: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
-    from nbllm.fixtures import build_tokenizer
+
+    from nbllm.testing import build_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder)  # only load() needs it: prompts are random ids over the full 49,152 vocabulary

@@ -239,7 +239,7 @@ import json, sys, nbllm, mlx.core as mx
 from mlx_lm.generate import generate_step
 from nbllm.blas import blas_status, shim_calls
 lm = nbllm.load(sys.argv[1])
-prompt = mx.array(lm.encode("The capital of France is Paris. The capital of Italy is", raw=True))
+prompt = mx.array(lm.encode("The capital of France is Paris. The capital of Italy is", raw=True).ids)
 tokens, logprobs = [], []
 for (tok, lp), _ in zip(generate_step(prompt, lm.model, max_tokens=24), range(24)):
     tokens.append(int(tok)); logprobs.append(float(lp[tok]))
@@ -248,7 +248,7 @@ print(json.dumps({"tokens": tokens, "logprobs": logprobs, "active": blas_status(
 
 
 def test_greedy_tokens_are_identical_with_the_shim_on_and_off(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from nbllm.fixtures import make_model
+    from nbllm.testing import make_model
 
     path = make_model(tmp_path_factory.mktemp("gemv") / "llama", "llama")
     a = _run(GREEDY, str(path), NBLLM_GEMV="1")
