@@ -85,7 +85,7 @@ class PromptCache:
             Rotating/sliding-window layers stay full precision (mlx-lm cannot
             quantize them), so ``kv_bits`` with ``max_kv_size`` is refused.
         kv_group_size: Quantization group size (32, 64 or 128; must divide the head size).
-        prefill_step_size: Tokens per chunk in ``prefill``.
+        prefill_step_size: Tokens per chunk in ``prefill`` (``None``: the engine's choice for the device).
     """
 
     def __init__(
@@ -94,15 +94,15 @@ class PromptCache:
         max_kv_size: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
-        prefill_step_size: int = 2048,
+        prefill_step_size: int | None = None,
     ):
         check_max_kv_size(max_kv_size)
         if kv_bits is not None and kv_bits not in _KV_BITS:
             raise ValueError(f"kv_bits: expected one of {_KV_BITS} or None, got {kv_bits!r}")
         if kv_group_size not in _GROUP_SIZES:
             raise ValueError(f"kv_group_size: expected one of {_GROUP_SIZES}, got {kv_group_size!r}")
-        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
-            raise ValueError(f"prefill_step_size: expected an integer >= 1, got {prefill_step_size!r}")
+        if prefill_step_size is not None and (not isinstance(prefill_step_size, int) or prefill_step_size < 1):
+            raise ValueError(f"prefill_step_size: expected an integer >= 1 or None, got {prefill_step_size!r}")
         if kv_bits is not None:
             if max_kv_size is not None:
                 raise ValueError(
@@ -114,7 +114,8 @@ class PromptCache:
                     f"kv_bits: expected a head size divisible by kv_group_size={kv_group_size}, got head size {head}"
                 )
         self.lm, self.max_kv_size, self.kv_bits = lm, max_kv_size, kv_bits
-        self.kv_group_size, self.prefill_step_size = kv_group_size, prefill_step_size
+        self.kv_group_size = kv_group_size
+        self.prefill_step_size = prefill_step_size or lm.engine.prefill_step_size
         self._layers: list[Any] | None = None
         self._ids: list[int] = []
         # Content hashes of the images behind the ids: the same placeholder ids

@@ -54,7 +54,7 @@ class Request:
     stop: tuple[str, ...] = ()
     max_tokens: int = 256
     top_logprobs: int = 0
-    prefill_step_size: int = 2048
+    prefill_step_size: int | None = None
     max_kv_size: int | None = None
     progress: Callable[[int, int], None] | None = None
     draft_model: Any = None

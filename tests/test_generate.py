@@ -288,3 +288,18 @@ def test_sampled_probs_match_mlx_lms_filters(opts: dict) -> None:
         ours = sampled_probs(np.asarray(lp), params, ids)
         assert np.allclose(ours, ref, atol=1e-5), (opts, scale)
         assert ours.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_prefill_chunks_are_chosen_per_backend_and_a_user_setting_wins(lm: nbllm.LM) -> None:
+    import mlx.core as mx
+
+    assert lm.engine.prefill_step_size == (512 if mx.default_device() == mx.cpu else 2048)
+    ids = (list(lm.encode("the model cache prompt " * 50, raw=True).ids) * 8)[:1200]
+    assert len(ids) == 1200
+    seen: list[int] = []
+    list(lm.stream(ids, max_tokens=1, progress=lambda done, total: seen.append(done)))
+    assert seen[:3] == [0, lm.engine.prefill_step_size, 2 * lm.engine.prefill_step_size]
+    seen.clear()
+    list(lm.stream(ids, max_tokens=1, prefill_step_size=300, progress=lambda done, total: seen.append(done)))
+    assert seen[:3] == [0, 300, 600]
+    assert nbllm.PromptCache(lm).prefill_step_size == lm.engine.prefill_step_size
