@@ -30,6 +30,7 @@ from .kv import bounded, head_dim, restore, snapshot, trim_ahead
 from .progress import progress_bar
 from .prompt import Prompt
 from .request import check_max_kv_size
+from .sdpa import cpu_prefill
 
 __all__ = ["PromptCache", "CacheStats"]
 
@@ -245,7 +246,7 @@ class PromptCache:
                 start = n + done
                 chunk = list(prompt.ids[start : start + self.prefill_step_size])
                 emb = prompt.embeddings[start : start + len(chunk)] if prompt.embeddings is not None else None
-                with mx.stream(generation_stream()):
+                with mx.stream(generation_stream()), cpu_prefill():
                     engine.call(chunk, layers, emb)
                     mx.eval([c.state for c in layers])
                 done += len(chunk)

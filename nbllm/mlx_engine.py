@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Generator
+from itertools import chain
 from typing import Any, cast
 
 import mlx.core as mx
@@ -29,6 +30,7 @@ from .engine import Cancelled, Request, Step
 from .kv import settle, trim_ahead
 from .prompt import Prompt
 from .sampling import make_processors, make_token_sampler
+from .sdpa import cpu_prefill
 from .speculative import DraftCounts, speculative_steps
 
 __all__ = ["MLXEngine", "MLXRun", "generation_stream", "prefill_step_for"]
@@ -153,7 +155,9 @@ class MLXRun:
                 steps = ((int(cast(int, t)), lp, False, None) for t, lp in plain)  # generate_step yields ints
             with wired_limit(self.engine.model, [generation_stream()]):
                 try:
-                    for n, (token, logprobs, from_draft, accepted) in enumerate(steps):
+                    with cpu_prefill():  # the prompt is processed on the first step
+                        head = next(steps, None)
+                    for n, (token, logprobs, from_draft, accepted) in enumerate(chain([head] if head else [], steps)):
                         self._ids.append(token)
                         forced = constraint is not None and constraint.was_forced(n)
                         masked = constraint.masked_prob(n) if constraint is not None else None
@@ -292,7 +296,7 @@ class MLXRun:
             if cancelled is not None and cancelled():
                 raise Cancelled()
             chunk = list(ids[done : done + self._chunk])
-            with mx.stream(generation_stream()):
+            with mx.stream(generation_stream()), cpu_prefill():
                 self.engine.call(chunk, self._layers or [], self._embeddings(start + done, start + done + len(chunk)))
                 mx.eval([c.state for c in self._layers or []])
             self._fed = start + done + len(chunk)

@@ -39,6 +39,7 @@ class ModelInfo:
         is_vision: Whether the model accepts images.
         device: ``cpu`` or ``gpu`` (Metal).
         blas: Which BLAS the CPU backend's matmuls use (see ``nbllm.blas_status``).
+        cpu_attention: Whether long prompts' attention on the CPU backend uses nbllm's C softmax, or why not.
         load_seconds: Wall time of ``load``.
     """
 
@@ -56,6 +57,7 @@ class ModelInfo:
     is_vision: bool
     device: str
     blas: str
+    cpu_attention: str
     load_seconds: float
 
 
@@ -124,6 +126,7 @@ class LM:
         from mlx.utils import tree_flatten
 
         from .blas import blas_status
+        from .sdpa import softmax_status
 
         params = cast(list[tuple[str, mx.array]], tree_flatten(self.model.parameters()))
         weights = [v for k, v in params if not k.endswith((".scales", ".biases"))]
@@ -144,6 +147,7 @@ class LM:
             is_vision=self.is_vision,
             device="gpu" if mx.default_device() == mx.gpu else "cpu",
             blas=_blas_summary(blas_status()),
+            cpu_attention=softmax_status() if mx.default_device() == mx.cpu else "Metal: MLX's own kernel",
             load_seconds=round(self._load_seconds, 3),
         )
 

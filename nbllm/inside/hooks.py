@@ -1,23 +1,24 @@
 """Scoped hooks into an mlx-lm model's forward pass: each decoder layer's output, each attention call's weights.
 
 Both hooks are undone when their ``with`` block ends, however it ends, so a
-failed capture leaves the model as it was. Attention is captured around
-``mx.fast.scaled_dot_product_attention``, which every mlx-lm attention calls
-at run time (through ``mlx_lm.models.base``): one hook for every architecture,
-seeing queries and keys after RoPE and query/key norms, with the mask (causal,
+failed capture leaves the model as it was. Attention is captured by
+``nbllm.sdpa`` around ``mx.fast.scaled_dot_product_attention``, which every
+mlx-lm attention calls at run time: one hook for every architecture, seeing
+queries and keys after RoPE and query/key norms, with the mask (causal,
 sliding window) the model itself passed. Only the thread that opened the
 capture is recorded.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+
+from ..sdpa import attention_weights, capture
 
 __all__ = ["Decoder", "decoder_of", "capture_layers", "capture_attention", "attention_weights"]
 
@@ -97,67 +98,6 @@ def capture_layers(decoder: Decoder) -> Iterator[list[mx.array]]:
         decoder.layers[:] = original
 
 
-_local = threading.local()
-_lock = threading.Lock()
-_active = 0
-_original_sdpa: Any = None
-
-
-@contextmanager
-def capture_attention() -> Iterator[list[mx.array]]:
+def capture_attention() -> Any:
     """Within the block, each attention call on this thread appends its weights ``(B, heads, L, S)`` (float32)."""
-    global _active, _original_sdpa
-    weights: list[mx.array] = []
-    with _lock:
-        if _active == 0:
-            _original_sdpa = mx.fast.scaled_dot_product_attention
-            mx.fast.scaled_dot_product_attention = _recording_sdpa  # type: ignore[assignment]
-        _active += 1
-    previous = getattr(_local, "weights", None)
-    _local.weights = weights
-    try:
-        yield weights
-    finally:
-        _local.weights = previous
-        with _lock:
-            _active -= 1
-            if _active == 0:
-                mx.fast.scaled_dot_product_attention = _original_sdpa
-
-
-def _recording_sdpa(queries: mx.array, keys: mx.array, values: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-    sink = getattr(_local, "weights", None)
-    if sink is not None:
-        sink.append(
-            attention_weights(
-                queries, keys, kwargs.get("scale", args[0] if args else 1.0), kwargs.get("mask"), kwargs.get("sinks")
-            )
-        )
-    return _original_sdpa(queries, keys, values, *args, **kwargs)
-
-
-def attention_weights(queries: mx.array, keys: mx.array, scale: float, mask: Any = None, sinks: Any = None) -> mx.array:
-    """softmax(q k^T * scale + mask) as the fused kernel computes it, ``(B, heads, L, S)`` in float32.
-
-    ``queries`` ``(B, heads, L, D)``, ``keys`` ``(B, kv_heads, S, D)`` (grouped-query
-    attention: each kv head serves ``heads / kv_heads`` query heads); ``mask`` is
-    ``None``, ``"causal"`` (queries are the last ``L`` of ``S`` positions), a boolean
-    array (True = attend) or an additive array; ``sinks`` are per-head extra logits.
-    """
-    heads, kv_heads = queries.shape[1], keys.shape[1]
-    if heads != kv_heads:
-        keys = mx.repeat(keys, heads // kv_heads, axis=1)
-    q, k = queries.astype(mx.float32), keys.astype(mx.float32)
-    scores = (q * scale) @ k.transpose(0, 1, 3, 2)
-    length, size = q.shape[2], k.shape[2]
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"attention: expected mask 'causal', an array or None, got {mask!r}")
-        allowed = mx.arange(size)[None] <= mx.arange(size - length, size)[:, None]
-        scores = mx.where(allowed, scores, -mx.inf)
-    elif mask is not None:
-        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
-    if sinks is not None:  # attention sinks: an extra logit per head that takes probability but has no value
-        extra = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (*scores.shape[:3], 1))
-        return mx.softmax(mx.concatenate([scores, extra], axis=-1), axis=-1)[..., :-1]
-    return mx.softmax(scores, axis=-1)
+    return capture()

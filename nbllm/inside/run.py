@@ -9,6 +9,7 @@ import mlx.core as mx
 
 from ..mlx_engine import generation_stream
 from ..prompt import Prompt
+from ..sdpa import cpu_prefill
 
 __all__ = ["forward", "needs_local"]
 
@@ -39,7 +40,7 @@ def forward(
     engine.bind(layers, prompt)
     step = chunk or len(prompt)
     kept = []
-    with mx.stream(generation_stream()):
+    with mx.stream(generation_stream()), cpu_prefill():
         for start in range(0, len(prompt), step):
             ids = list(prompt.ids[start : start + step])
             emb = prompt.embeddings[start : start + len(ids)] if prompt.embeddings is not None else None
