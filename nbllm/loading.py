@@ -23,7 +23,12 @@ __all__ = ["load", "DEFAULT_MODEL_PATH", "DEFAULT_VISION_PATH"]
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL_PATH = ASSETS / "default-model"
 DEFAULT_VISION_PATH = ASSETS / "default-vision"
-_SHIPPED = {"nbllm/default-model": DEFAULT_MODEL_PATH, "nbllm/default-vision": DEFAULT_VISION_PATH}
+DEFAULT_DRAFT_PATH = ASSETS / "default-draft"
+_SHIPPED = {
+    "nbllm/default-model": DEFAULT_MODEL_PATH,
+    "nbllm/default-vision": DEFAULT_VISION_PATH,
+    "nbllm/default-draft": DEFAULT_DRAFT_PATH,
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
@@ -41,7 +46,9 @@ def load(
         name_or_path: A local MLX / Hugging Face model folder, a hub id such as
             ``"mlx-community/SmolLM2-135M-Instruct"``, ``None`` (or
             ``"nbllm/default-model"``) for the small text model shipped inside
-            nbllm, or ``"nbllm/default-vision"`` for its small vision model.
+            nbllm, ``"nbllm/default-vision"`` for its small vision model, or
+            ``"nbllm/default-draft"`` for the draft model that speeds up the text
+            model by speculative decoding.
         dtype: ``"auto"`` casts half-precision weights to float32 on the CPU
             backend when they fit in 4 GB (fp32 uses BLAS, fp16/bf16 do not; the
             weights then take twice the memory, see ``lm.info.weights_gb``);
