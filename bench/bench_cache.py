@@ -144,27 +144,16 @@ def fingerprint_seconds() -> tuple[float, float, int]:
     from mlx_lm.models import llama
 
     from nbllm.cache_file import model_fingerprint
+    from nbllm.testing.text import SMOLLM2_135M
 
-    config = {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "num_hidden_layers": 30,
-        "intermediate_size": 1536,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "vocab_size": 49152,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-        "tie_word_embeddings": True,
-    }
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = llama.Model(llama.ModelArgs.from_dict(SMOLLM2_135M))
     mx.eval(model.parameters())
 
     class Handle:  # what the fingerprint reads of a loaded model
         pass
 
     lm = Handle()
-    lm.model, lm.config = model, config  # type: ignore[attr-defined]
+    lm.model, lm.config = model, SMOLLM2_135M  # type: ignore[attr-defined]
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     t = time.perf_counter()
     model_fingerprint(lm)

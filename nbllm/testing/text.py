@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "BENCH_SHAPE", "CHAT_TEMPLATE", "build_tokenizer", "make_model", "sample_corpus"]
+__all__ = [
+    "ARCHITECTURES",
+    "BENCH_SHAPE",
+    "SMOLLM2_135M",
+    "CHAT_TEMPLATE",
+    "build_tokenizer",
+    "make_model",
+    "sample_corpus",
+]
 
 # ChatML, the template most small open models use; supports a system turn and
 # add_generation_prompt like real checkpoints do.
@@ -160,6 +168,21 @@ BENCH_SHAPE: dict[str, Any] = {
     "intermediate_size": 1536,
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
+}
+
+# SmolLM2-135M(-Instruct)'s config.json, less the token ids: the real model's shape (speed benchmarks).
+SMOLLM2_135M: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
 }
 
 

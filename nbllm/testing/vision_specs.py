@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .text import ARCHITECTURES
+
 __all__ = ["VISION_ARCHITECTURES"]
 
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -282,18 +284,7 @@ VISION_ARCHITECTURES: dict[str, dict[str, Any]] = {
             "model_type": "gemma3",
             "hidden_size": 64,
             "text_config": {
-                "model_type": "gemma3_text",
-                "hidden_size": 64,
-                "num_hidden_layers": 3,
-                "intermediate_size": 128,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 1,
-                "head_dim": 16,
-                "query_pre_attn_scalar": 16,
-                "rms_norm_eps": 1e-6,
-                "sliding_window": 512,
-                "sliding_window_pattern": 2,
-                "max_position_embeddings": 4096,
+                **ARCHITECTURES["gemma3"],  # the text fixture's gemma3 (sliding-window layers)
                 "mm_tokens_per_image": 256,
                 "rope_global_base_freq": 1000000.0,
                 "rope_local_base_freq": 10000.0,
