@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,17 @@ class NotebookRun:
     error: str | None = None
 
 
-def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None) -> NotebookRun:
+def execute_notebook(
+    path: Path, timeout: int = 300, output: Path | None = None, probes: Sequence[str] = ()
+) -> NotebookRun:
     """Run every cell of a notebook in a fresh kernel of this Python.
 
     Args:
         path: The notebook.
         timeout: Seconds allowed per cell.
         output: Where to write the executed copy (default: nowhere; the source is never modified).
+        probes: Code cells to run after the notebook's own, in the same kernel (tests use them to
+            read the notebook's results); their outputs are in the written copy, ``cells`` omits them.
 
     Returns:
         A ``NotebookRun``; ``error`` holds the failing cell's error name and message.
@@ -55,6 +60,8 @@ def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None)
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
+    cells = sum(1 for c in nb.cells if c.cell_type == "code")
+    nb.cells.extend(nbformat.v4.new_code_cell(source) for source in probes)
     sockets = tempfile.mkdtemp(prefix="nbllm-kernel-")
     # IPC sockets (an absolute path: the kernel runs in the notebook's folder), not TCP on localhost:
     # no port to reach from outside, and no "running over TCP without encryption" warning in the notebook.
@@ -73,7 +80,6 @@ def execute_notebook(path: Path, timeout: int = 300, output: Path | None = None)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, output / path.name)
-    cells = sum(1 for c in nb.cells if c.cell_type == "code")
     return NotebookRun(path, time.perf_counter() - start, cells, error)
 
 
