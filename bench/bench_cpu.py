@@ -13,8 +13,10 @@ checkpoint; random prompt ids fed to mlx_lm.generate.generate_step, greedy.
 Configurations:
   * mlx-lm bf16: raw mlx-lm, stored dtype, MLX's bundled reference BLAS
   * mlx-lm fp32 + OpenBLAS: raw mlx-lm, weights cast to fp32, OpenBLAS preloaded (no shim)
-  * nbllm before: nbllm.load (its BLAS setup and fp32 cast) with NBLLM_GEMV=0
-  * nbllm after: the same with the GEMV shim, prefill in the chunk size the sweep found fastest
+  * nbllm before: nbllm.load (its BLAS setup and fp32 cast) and lm.stream, with this issue's
+    changes off: NBLLM_GEMV=0, NBLLM_CPU_ATTENTION=0, prefill in mlx-lm's 2,048-token chunks
+  * nbllm after: the same with everything on (the GEMV shim, the C softmax for long prefill,
+    the CPU backend's chunk size), exactly what a user's lm.stream runs
   * nbllm after, 1 BLAS thread: OPENBLAS_NUM_THREADS=1 (with --with-threads)
 Then a prefill chunk-size sweep at 2,048 and ~3,000 tokens, with the cold time
 to first token (first request in a fresh process) after the ~3,000-token prompt.
@@ -35,24 +37,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# SmolLM2-135M(-Instruct)'s config.json, less the token ids.
-SMOLLM2_135M: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "intermediate_size": 1536,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 100000.0,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-}
+sys.path.insert(0, str(ROOT))
+from nbllm.testing.text import SMOLLM2_135M  # noqa: E402  (the children set up BLAS; the parent only orchestrates)
+
 CONFIGS: dict[str, dict[str, str]] = {  # name -> environment of its process
     "mlx-lm bf16": {},
     "mlx-lm fp32 + OpenBLAS": {},
-    "nbllm before": {"NBLLM_GEMV": "0"},
+    "nbllm before": {"NBLLM_GEMV": "0", "NBLLM_CPU_ATTENTION": "0"},
     "nbllm after": {"NBLLM_GEMV": "1"},
     "nbllm after, 1 BLAS thread": {"NBLLM_GEMV": "1", "OPENBLAS_NUM_THREADS": "1"},
 }
@@ -83,7 +74,7 @@ def _load(config: str, folder: Path) -> tuple[Any, dict[str, Any]]:
         import nbllm
 
         lm = nbllm.load(folder)
-        return lm.model, {"blas": nbllm.blas.blas_status()["summary"]}
+        return lm, {"blas": nbllm.blas.blas_status()["summary"], "cpu_attention": lm.info.cpu_attention}
     if "OpenBLAS" in config:
         # nbllm's OpenBLAS lookup, without importing nbllm (which would load the shim too)
         spec = importlib.util.spec_from_file_location("blas_lookup", ROOT / "nbllm" / "blas.py")
@@ -113,15 +104,23 @@ def _prompt(n: int) -> list[int]:
 
 
 def run_once(model: Any, n_prompt: int, max_tokens: int, chunk: int) -> dict[str, float | None]:
-    """One greedy generation: prefill tok/s (prompt / time to first token), decode tok/s, peak memory."""
+    """One greedy generation: prefill tok/s (prompt / time to first token), decode tok/s, peak memory.
+
+    ``model`` is an nbllm ``LM`` (run through ``lm.stream``, what users run) or an
+    mlx-lm model (run through ``generate_step``); ``chunk`` 0 is the engine's own choice.
+    """
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    prompt = mx.array(_prompt(n_prompt))
+    ids = _prompt(n_prompt)
     mx.reset_peak_memory()
     stamps = []
+    if hasattr(model, "stream"):
+        steps: Any = model.stream(ids, max_tokens=max_tokens, prefill_step_size=chunk or None, stop=None)
+    else:
+        steps = generate_step(mx.array(ids), model, max_tokens=max_tokens, prefill_step_size=chunk or 2048)
     start = time.perf_counter()
-    for _ in generate_step(prompt, model, max_tokens=max_tokens, prefill_step_size=chunk):
+    for _ in steps:
         stamps.append(time.perf_counter())
     ttft = stamps[0] - start
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
@@ -186,6 +185,11 @@ def spawn(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _chunk_of(config: str, after_chunk: int = 0) -> int:
+    """Prefill chunk per configuration: mlx-lm's 2,048 before this issue, the engine's choice (0) after."""
+    return after_chunk if config.startswith("nbllm after") else 2048
+
+
 def _median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -204,7 +208,7 @@ def paired(args: argparse.Namespace, folder: Path, chunks: list[int], long: int)
     names = [BASELINE, "nbllm before", "nbllm after"]
     rounds: list[dict[str, float]] = []
     for r in range(args.paired):
-        rounds.append({c: spawn(c, folder, [256], 64, 2048)["runs"]["256"]["decode"] for c in names})
+        rounds.append({c: spawn(c, folder, [256], 64, _chunk_of(c))["runs"]["256"]["decode"] for c in names})
         print(f"  paired round {r + 1}: " + ", ".join(f"{c} {v:.2f}" for c, v in rounds[-1].items()), flush=True)
     extra = [
         "--interleave",
@@ -254,7 +258,7 @@ def main() -> None:
     ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds for the chunk-size sweep")
     ap.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument(
-        "--after-chunk", type=int, default=0, help="chunk for 'nbllm after' (default: fastest in the sweep)"
+        "--after-chunk", type=int, default=0, help="chunk for 'nbllm after' (default: the engine's own choice)"
     )
     ap.add_argument("--with-threads", action="store_true", help="also the OPENBLAS_NUM_THREADS=1 row")
     ap.add_argument("--json", type=Path, help="also save every measurement here")
@@ -313,7 +317,7 @@ def main() -> None:
         c: {k: _median([s["runs"][k]["prefill"] for s in sweep[c]]) for k in ("cold", str(lengths[-1]))} for c in chunks
     }
     best = max(chunks, key=lambda c: (sweep_med[c][str(lengths[-1])] or 0) + (sweep_med[c]["cold"] or 0))
-    after_chunk = args.after_chunk or best
+    after_chunk = args.after_chunk
 
     # 2. the configurations, interleaved by round
     configs = [c for c in CONFIGS if args.with_threads or "1 BLAS thread" not in c]
@@ -322,8 +326,7 @@ def main() -> None:
         for config in configs:
             if r >= (args.bf16_rounds if config == "mlx-lm bf16" else rounds):
                 continue
-            chunk = after_chunk if config.startswith("nbllm after") else 2048
-            results[config].append(spawn(config, folder, lengths, tokens, chunk))
+            results[config].append(spawn(config, folder, lengths, tokens, _chunk_of(config, after_chunk)))
             print(f"  round {r + 1}: {config} done", flush=True)
     end_load = _load_avg()
 
@@ -341,13 +344,18 @@ def main() -> None:
             m = {k: _median([p["runs"][str(n)][k] for p in procs]) for k in ("prefill", "decode", "peak_mb")}
             m["rss"] = _median([p["max_rss_mb"] for p in procs])
             med[(config, n)] = m
-            label = config + (f" (chunk {after_chunk})" if config.startswith("nbllm after") and n > after_chunk else "")
+            label = config
             print(
                 f"{label:<28} {n:>6} {_fmt(m['prefill']):>13} {_fmt(m['decode']):>12} "
                 f"{_fmt(m['peak_mb'], '.0f'):>11} {_fmt(m['rss'], '.0f'):>10}"
             )
     for config, procs in results.items():
-        print(f"  {config}: {procs[0]['blas']}; shim calls {procs[0]['shim_calls']}")
+        attention = procs[0].get("cpu_attention")
+        print(
+            f"  {config}: {procs[0]['blas']}; shim calls {procs[0]['shim_calls']}"
+            + (f"; attention: {attention}" if attention else "")
+            + f"; prefill chunk {_chunk_of(config, after_chunk) or 'the engine default'}"
+        )
 
     print(f"\nRatios to {BASELINE} (targets: decode >= 1.5x, prefill at {lengths[-1]} >= 1.5x)")
     for config in configs:
@@ -368,10 +376,12 @@ def main() -> None:
     for c in chunks:
         ttft = _median([s["runs"]["cold"]["ttft"] for s in sweep[c]])
         print(f"{c:>6} {_fmt(sweep_med[c][str(lengths[-1])]):>8} {_fmt(sweep_med[c]['cold']):>10} {_fmt(ttft):>11}")
-    print(
-        f"fastest chunk over both lengths: {best}"
-        + (f"; 'nbllm after' used {after_chunk}" if after_chunk != best else "")
-    )
+    import mlx.core as mx
+
+    from nbllm.mlx_engine import prefill_step_for
+
+    default = prefill_step_for(mx.cpu)
+    print(f"fastest chunk over both lengths: {best}; the CPU engine's default: {default}")
 
     try:
         import llama_cpp  # noqa: F401
