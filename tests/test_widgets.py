@@ -254,10 +254,11 @@ def test_chat_widget_image_attach_for_vision_models(lm: nbllm.LM, tmp_path) -> N
 
     from nbllm.testing import make_image, make_vision_model
 
-    assert ChatWidget(lm).attach not in ChatWidget(lm).children[3].children  # text model: no attach button
+    text_widget = ChatWidget(lm)
+    assert text_widget.attach not in text_widget.controls.children  # text model: no attach button
     vlm = nbllm.load(make_vision_model(tmp_path / "qwen2_vl", "qwen2_vl"))
     w = ChatWidget(vlm, max_tokens=3)
-    assert w.attach in w.children[3].children
+    assert w.attach in w.controls.children
     make_image().save(tmp_path / "a.png")
     w.attach.value = (
         {

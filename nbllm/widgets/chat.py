@@ -71,13 +71,14 @@ class ChatWidget(widgets.VBox):
         buttons = [self.send_button, self.stop_button, self.regenerate_button, self.reset_button]
         if getattr(self.lm, "is_vision", False):
             buttons.append(self.attach)
+        self.controls = widgets.HBox([*buttons, self._status])
         super().__init__(
             children=[
                 self.system_box,
                 self.messages,
                 self.prefill,
                 self.input,
-                widgets.HBox([*buttons, self._status]),
+                self.controls,
                 self.stats,
             ]
         )
