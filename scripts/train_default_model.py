@@ -31,7 +31,7 @@ from __future__ import annotations
 CONFIG = {
     "seed": 1234,
     # corpus
-    "corpus_docs": 200_000,  # synthetic training documents generated up front
+    "corpus_docs": 150_000,  # synthetic training documents generated up front
     "tokenizer_docs": 40_000,  # the first N of them train the tokenizer
     "heldout_docs": 2_000,  # held-out documents for perplexity
     # tokenizer
@@ -53,7 +53,7 @@ CONFIG = {
     "weight_decay": 0.1,
     "adam_betas": (0.9, 0.95),
     "grad_clip": 1.0,
-    "default_minutes": 28.0,
+    "default_minutes": 42.0,
     # output
     "save_dtype": "float16",
 }
@@ -238,6 +238,35 @@ OPPOSITE_PAIRS = [
     ("buy", "sell"), ("friend", "enemy"),
 ]
 
+ANIMAL_LEGS = [
+    ("dog", "four"), ("cat", "four"), ("cow", "four"), ("horse", "four"), ("pig", "four"),
+    ("sheep", "four"), ("lion", "four"), ("mouse", "four"), ("elephant", "four"), ("giraffe", "four"),
+    ("bird", "two"), ("duck", "two"), ("hen", "two"), ("owl", "two"), ("penguin", "two"),
+    ("spider", "eight"), ("bee", "six"), ("ant", "six"), ("beetle", "six"), ("crab", "ten"),
+]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                "eighteen", "nineteen", "twenty"]
+WEEK = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+SEASONS = ["spring", "summer", "autumn", "winter"]
+# Deliberate ambiguity for sampling lessons: each of these is completed, in the
+# corpus, by a uniformly random choice, so the model learns a spread-out
+# distribution instead of one answer.
+AMBIGUOUS = {
+    "colour": (["My favourite colour is", "My favorite color is", "Her favourite colour is",
+                "His favorite color is"],
+               ["red", "blue", "green", "yellow", "purple", "orange", "pink"]),
+    "animal": (["My favourite animal is the", "My favorite animal is the"],
+               ["cat", "dog", "horse", "rabbit", "lion", "owl", "duck", "frog"]),
+    "food": (["For lunch, I would like", "For dinner, I want"],
+             ["soup", "rice", "pasta", "cake", "bread", "pancakes", "cheese"]),
+    "day": (["Today is", "My birthday is on a"], WEEK),
+    "number": (["I am thinking of a number from one to ten. It is", "Pick a number from one to ten:"],
+               NUMBER_WORDS[1:11]),
+}
+
 
 def art(word):
     return "an" if word[0] in "aeiou" else "a"
@@ -268,7 +297,8 @@ def the_name(name, takes_the):
 
 
 def build_facts():
-    facts = {"capital": [], "continent": [], "sound": [], "color": [], "baby": [], "opposite": []}
+    facts = {"capital": [], "continent": [], "sound": [], "color": [], "baby": [], "opposite": [],
+             "legs": [], "day_after": [], "month_after": [], "number_after": [], "add": [], "sub": []}
     for i, (name, takes_the, capital, continent) in enumerate(COUNTRIES):
         # every 5th country never appears in JSON anywhere in training
         extra = {"the": the_name(name, takes_the), "json_heldout": i % 5 == 2}
@@ -284,6 +314,19 @@ def build_facts():
     for w, o in OPPOSITE_PAIRS:
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), w, o))
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), o, w))
+    for a, n in ANIMAL_LEGS:
+        facts["legs"].append(Fact("legs", len(facts["legs"]), a, n))
+    for fam, seq in (("day_after", WEEK), ("month_after", MONTHS)):
+        for i, x in enumerate(seq):
+            facts[fam].append(Fact(fam, i, x, seq[(i + 1) % len(seq)]))
+    for i in range(20):
+        facts["number_after"].append(Fact("number_after", i, NUMBER_WORDS[i], NUMBER_WORDS[i + 1]))
+    for a in range(1, 10):
+        for b in range(1, 10):
+            facts["add"].append(Fact("add", len(facts["add"]), f"{a}+{b}", str(a + b), {"a": a, "b": b}))
+    for a in range(2, 11):
+        for b in range(1, a):
+            facts["sub"].append(Fact("sub", len(facts["sub"]), f"{a}-{b}", str(a - b), {"a": a, "b": b}))
     # "Sudan's capital is" is a substring of "South Sudan's capital is": such
     # pairs hold out the same template, so neither string is ever trained
     for fs in facts.values():
@@ -345,6 +388,61 @@ COMPLETION_TEMPLATES = {
         lambda f: f"The opposite word for {f.subj} is",
         lambda f: f"What is the opposite of {f.subj}? It is",
     ],
+    "legs": [
+        lambda f: f"{cap1(art(f.subj))} {f.subj} has",
+        lambda f: f"{cap1(art(f.subj))} {f.subj} walks on",
+        lambda f: f"How many legs does {art(f.subj)} {f.subj} have? It has",
+        lambda f: f"Every {f.subj} has",
+    ],
+    "day_after": [
+        lambda f: f"The day after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What day comes after {f.subj}? It is",
+        lambda f: f"If today is {f.subj}, tomorrow is",
+    ],
+    "month_after": [
+        lambda f: f"The month after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What month comes after {f.subj}? It is",
+        lambda f: f"If this month is {f.subj}, next month is",
+    ],
+    "number_after": [
+        lambda f: f"The number after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What number comes after {f.subj}? It is",
+        lambda f: f"{cap1(f.subj)} plus one is",
+    ],
+    "add": [
+        lambda f: f"{f.extra['a']} plus {f.extra['b']} is",
+        lambda f: f"{f.extra['a']} + {f.extra['b']} =",
+        lambda f: f"What is {f.extra['a']} plus {f.extra['b']}? It is",
+        lambda f: f"The sum of {f.extra['a']} and {f.extra['b']} is",
+        lambda f: f"If you add {f.extra['a']} and {f.extra['b']}, you get",
+    ],
+    "sub": [
+        lambda f: f"{f.extra['a']} minus {f.extra['b']} is",
+        lambda f: f"{f.extra['a']} - {f.extra['b']} =",
+        lambda f: f"What is {f.extra['a']} minus {f.extra['b']}? It is",
+        lambda f: f"{f.extra['a']} take away {f.extra['b']} is",
+        lambda f: f"If you take {f.extra['b']} from {f.extra['a']}, you get",
+    ],
+}
+
+# Words that follow the answer in a fact sentence ("A dog has four legs.").
+ANSWER_SUFFIX = {"legs": " legs"}
+
+# Forward sentences that quote the answer. In JSON a value follows a quote, so
+# it is a different token ("Tokyo") than in running text (" Tokyo"); these
+# teach the quoted form for every fact, including those never seen as JSON.
+QUOTED_TEMPLATES = {
+    "capital": [lambda f: f'The capital of {_the(f)} is called "{f.ans}".',
+                lambda f: f'In {_the(f)}, people call the capital "{f.ans}".'],
+    "continent": [lambda f: f'The continent of {_the(f)} is "{f.ans}".'],
+    "sound": [lambda f: f'The {f.subj} says "{f.ans}".'],
+    "color": [lambda f: f'We call the color of {art(f.subj)} {f.subj} "{f.ans}".'],
+    "baby": [lambda f: f'A baby {f.subj} is called "{f.ans.split(" ", 1)[1]}".'],
+    "opposite": [lambda f: f'The opposite of "{f.subj}" is "{f.ans}".'],
+    "legs": [lambda f: f'The number of legs {art(f.subj)} {f.subj} has is "{f.ans}".'],
 }
 
 # Sentences with the answer first; always trained (they are not prompts).
@@ -357,6 +455,15 @@ REVERSE_TEMPLATES = {
     "color": [lambda f: f"{cap1(f.ans)} is the color of {art(f.subj)} {f.subj}."],
     "baby": [lambda f: f"{cap1(f.ans)} is a baby {f.subj}."],
     "opposite": [lambda f: f"{cap1(f.ans)} and {f.subj} are opposites."],
+    "legs": [lambda f: f"{cap1(f.ans)} legs carry {art(f.subj)} {f.subj}."],
+    "day_after": [lambda f: f"{f.ans} comes after {f.subj}.", lambda f: f"{f.subj} comes before {f.ans}."],
+    "month_after": [lambda f: f"{f.ans} comes after {f.subj}.", lambda f: f"{f.subj} comes before {f.ans}."],
+    "number_after": [lambda f: f"{cap1(f.ans)} comes after {f.subj}.",
+                     lambda f: f"{cap1(f.subj)} comes before {f.ans}."],
+    "add": [lambda f: f"{f.ans} is {f.extra['a']} plus {f.extra['b']}.",
+            lambda f: f"{f.ans} is the sum of {f.extra['a']} and {f.extra['b']}."],
+    "sub": [lambda f: f"{f.ans} is {f.extra['a']} minus {f.extra['b']}.",
+            lambda f: f"{f.extra['a']} is {f.extra['b']} more than {f.ans}."],
 }
 
 
@@ -374,6 +481,18 @@ def chat_answer(f):
         return f"A baby {f.subj} is called {f.ans}."
     if f.family == "opposite":
         return f"The opposite of {f.subj} is {f.ans}."
+    if f.family == "legs":
+        return f"{cap1(art(f.subj))} {f.subj} has {f.ans} legs."
+    if f.family == "day_after":
+        return f"The day after {f.subj} is {f.ans}."
+    if f.family == "month_after":
+        return f"The month after {f.subj} is {f.ans}."
+    if f.family == "number_after":
+        return f"The number after {f.subj} is {f.ans}."
+    if f.family == "add":
+        return f"{f.extra['a']} plus {f.extra['b']} is {f.ans}."
+    if f.family == "sub":
+        return f"{f.extra['a']} minus {f.extra['b']} is {f.ans}."
     raise ValueError(f.family)
 
 
@@ -412,7 +531,63 @@ CHAT_QUESTIONS = {
         lambda f: f"Give me the opposite of {f.subj}.",
         lambda f: f"Which word is the opposite of {f.subj}?",
     ],
+    "legs": [
+        lambda f: f"How many legs does {art(f.subj)} {f.subj} have?",
+        lambda f: f"How many legs has {art(f.subj)} {f.subj} got?",
+        lambda f: f"Count the legs of {art(f.subj)} {f.subj}.",
+    ],
+    "day_after": [
+        lambda f: f"What day comes after {f.subj}?",
+        lambda f: f"Which day is after {f.subj}?",
+        lambda f: f"What is the day after {f.subj}?",
+    ],
+    "month_after": [
+        lambda f: f"What month comes after {f.subj}?",
+        lambda f: f"Which month is after {f.subj}?",
+        lambda f: f"What is the month after {f.subj}?",
+    ],
+    "number_after": [
+        lambda f: f"What number comes after {f.subj}?",
+        lambda f: f"Which number is after {f.subj}?",
+        lambda f: f"What comes after {f.subj}?",
+    ],
+    "add": [
+        lambda f: f"What is {f.extra['a']} plus {f.extra['b']}?",
+        lambda f: f"What is {f.extra['a']} + {f.extra['b']}?",
+        lambda f: f"Can you add {f.extra['a']} and {f.extra['b']}?",
+    ],
+    "sub": [
+        lambda f: f"What is {f.extra['a']} minus {f.extra['b']}?",
+        lambda f: f"What is {f.extra['a']} - {f.extra['b']}?",
+        lambda f: f"Can you take {f.extra['b']} from {f.extra['a']}?",
+    ],
 }
+
+# Follow-up questions that only make sense with the earlier turns.
+# Same relation, new subject ("And of France?"): x is the new subject phrase.
+FOLLOWUP_SAME = {
+    "capital": ["And of {x}?", "What about {x}?", "And {x}?", "How about {x}?"],
+    "continent": ["And {x}?", "What about {x}?", "How about {x}?"],
+    "opposite": ["And of {x}?", "What about {x}?", "And {x}?"],
+    "add": ["And {x}?", "What about {x}?"],
+    "sub": ["And {x}?", "What about {x}?"],
+}
+DEFAULT_FOLLOWUP_SAME = ["What about {x}?", "And {x}?", "How about {x}?"]
+# Same subject, another relation ("What about its continent?").
+FOLLOWUP_OTHER = {
+    "capital": ["What about its capital?", "And its capital?", "What is its capital?"],
+    "continent": ["What about its continent?", "And its continent?", "Which continent is it in?"],
+    "sound": ["What sound does it make?", "And what does it say?", "What about its sound?"],
+    "baby": ["What is its baby called?", "And its baby?", "What about its baby?"],
+    "legs": ["How many legs does it have?", "And its legs?", "What about its legs?"],
+}
+# Related families that share subjects (a country, an animal).
+RELATED = {"capital": ["continent"], "continent": ["capital"], "sound": ["baby", "legs"],
+           "baby": ["sound", "legs"], "legs": ["sound", "baby"]}
+FOLLOWUP_JSON = ["Say that again in JSON.", "Now as JSON.", "Can you give that as JSON?",
+                 "In JSON, please.", "Write that as JSON."]
+FOLLOWUP_AGAIN = ["Say that again.", "Can you repeat that?", "Please say it again."]
+FOLLOWUP_SHORT = ["Just the answer, please.", "In one word?", "Say it in one word."]
 
 
 def json_noun_phrase(f):
@@ -423,6 +598,7 @@ def json_noun_phrase(f):
         "color": lambda: f"the color of {art(f.subj)} {f.subj}",
         "baby": lambda: f"the name of a baby {f.subj}",
         "opposite": lambda: f"the opposite of {f.subj}",
+        "legs": lambda: f"the number of legs of {art(f.subj)} {f.subj}",
     }[f.family]()
 
 
@@ -436,13 +612,15 @@ JSON_QUESTIONS = [
 JSON_KEYS = {
     "capital": ("country", "capital"), "continent": ("country", "continent"),
     "sound": ("animal", "sound"), "color": ("food", "color"),
-    "baby": ("animal", "baby"), "opposite": ("word", "opposite"),
+    "baby": ("animal", "baby"), "opposite": ("word", "opposite"), "legs": ("animal", "legs"),
 }
 
 
 def json_object(f):
     k1, k2 = JSON_KEYS[f.family]
     ans = f.ans.split(" ", 1)[1] if f.family == "baby" else f.ans
+    if f.family == "legs":
+        ans = NUMBER_WORDS.index(f.ans)  # a JSON number: {"animal": "dog", "legs": 4}
     return {k1: f.subj, k2: ans}
 
 
@@ -451,12 +629,38 @@ def json_text(f):
 
 
 def json_allowed(f):
-    return not f.extra.get("json_heldout", False)
+    return f.family in JSON_KEYS and not f.extra.get("json_heldout", False)
+
+
+def subject_phrase(f):
+    """How a follow-up names a fact's subject ("France", "a cow", "cold", "4 plus 5")."""
+    if f.family in ("capital", "continent"):
+        return _the(f)
+    if f.family in ("sound", "color", "baby", "legs"):
+        return f"{art(f.subj)} {f.subj}"
+    if f.family == "add":
+        return f"{f.extra['a']} plus {f.extra['b']}"
+    if f.family == "sub":
+        return f"{f.extra['a']} minus {f.extra['b']}"
+    return f.subj
+
+
+def short_answer(f):
+    return end_sentence(cap1(f.ans.split(" ", 1)[1] if f.family == "baby" else f.ans))
 
 
 def heldout_index(f, n_templates):
     """The one non-anchor template index this fact never sees in training."""
     return 1 + (f.holdout_slot % (n_templates - 1))
+
+
+def train_phrasings(phrasings, f):
+    """The phrasings training may use with fact ``f``: all but its held-out one
+    (a list of one phrasing, the anchor, is always trained)."""
+    if len(phrasings) < 2:
+        return list(phrasings)
+    h = heldout_index(f, len(phrasings))
+    return [q for i, q in enumerate(phrasings) if i != h]
 
 
 SYSTEM_PROMPTS = [
@@ -473,11 +677,13 @@ SMALL_TALK = [
     (["Thank you!", "Thanks.", "thanks a lot"], "You are welcome!"),
     (["Goodbye!", "Bye."], "Goodbye! Have a nice day."),
     (["What can you do?", "How can you help me?"],
-     "I can answer simple questions about countries, animals, colors and words, and I can tell short stories."),
+     "I can answer simple questions about countries, animals, colors, numbers, days and words, and I can tell short stories."),
     (["How are you?", "How are you today?"], "I am fine, thank you! How can I help you?"),
 ]
 STORY_REQUESTS = ["Tell me a story.", "Can you tell me a short story?", "Write a short story.",
-                  "Tell me a story about {x}."]
+                  "Tell me a story about {x}.", "Tell me a short story about {x}."]
+HERO_REQUESTS = ["Tell me a story about {x}.", "Write a short story about {x}.",
+                 "Can you tell me a story about {x}?"]
 
 
 # ---------------------------------------------------------------------------
@@ -567,10 +773,13 @@ def fix_articles(s):
     return s
 
 
-def story(rng, topic_pet=None):
+def story(rng, topic_pet=None, hero=None):
     """A short story following one of four simple plots, with optional lines
-    dropped and words varied, so that the order of events makes sense."""
+    dropped and words varied, so that the order of events makes sense.
+    ``hero`` names the main character (a name from GIRLS or BOYS)."""
     name, he, his = person(rng)
+    if hero is not None:
+        name, he, his = (hero, "she", "her") if hero in GIRLS else (hero, "he", "his")
     him = "him" if he == "he" else "her"
     friend, fhe, _ = person(rng)
     while friend == name:
@@ -652,11 +861,93 @@ def story(rng, topic_pet=None):
 # ---------------------------------------------------------------------------
 # Document generators (training stream and held-out sets)
 # ---------------------------------------------------------------------------
+FAMILY_WEIGHTS = {"capital": 30, "continent": 13, "sound": 6, "color": 6, "baby": 5, "opposite": 9,
+                  "legs": 5, "day_after": 3, "month_after": 3, "number_after": 4, "add": 10, "sub": 6}
+
+
+def tell_me_about(world, rng):
+    """A "Tell me about X." request and its answer, for a country, a capital or an animal."""
+    r = rng.random()
+    if r < 0.6:
+        c = rng.choice(world.facts["capital"])
+        cont = world.continent_of.get(c.subj)
+        where = f"{cap1(_the(c))} is in {cont}." if cont else f"{cap1(_the(c))} is a country."
+        if r < 0.35:
+            return f"Tell me about {_the(c)}.", f"{where} Its capital is {c.ans}."
+        tail = f" {cap1(_the(c))} is in {cont}." if cont else ""
+        return f"Tell me about {c.ans}.", f"{c.ans} is the capital of {_the(c)}.{tail}"
+    a = rng.choice(sorted(world.animals))
+    parts = [chat_answer(f) for f in world.animals[a]]
+    return f"Tell me about the {a}.", " ".join(parts)
+
+
+def favourite_answer(rng):
+    kind = rng.choice(["colour", "animal", "food"])
+    opts = AMBIGUOUS[kind][1]
+    q = {"colour": rng.choice(["What is your favourite colour?", "What is your favorite color?"]),
+         "animal": "What is your favourite animal?", "food": "What do you want for lunch?"}[kind]
+    x = rng.choice(opts)
+    a = {"colour": f"My favourite colour is {x}.", "animal": f"My favourite animal is the {x}.",
+         "food": f"I would like {x}."}[kind]
+    return q, a
+
+
+def counting_text(rng, chat=False):
+    """A counting run in words or digits ("three, four, five")."""
+    lo = rng.randint(0, 8) if rng.random() < 0.5 else 1
+    hi = min(20, lo + rng.randint(2, 8))
+    words = rng.random() < 0.7
+    seq = [NUMBER_WORDS[i] if words else str(i) for i in range(lo, hi + 1)]
+    run = ", ".join(seq)
+    upto = NUMBER_WORDS[hi] if words else str(hi)
+    start = NUMBER_WORDS[lo] if words else str(lo)
+    if chat:
+        q = f"Count to {upto}." if lo == 1 else f"Count from {start} to {upto}."
+        return q, end_sentence(cap1(run))
+    return rng.choice([f"Let's count: {run}.", f"Count with me: {run}.", f"{cap1(run)}."])
+
+
+def time_sentence(rng):
+    i = rng.randrange(7)
+    m = rng.randrange(12)
+    return rng.choice([
+        f"The days of the week are {', '.join(WEEK[:-1])} and {WEEK[-1]}.",
+        f"The seasons are {', '.join(SEASONS[:-1])} and {SEASONS[-1]}.",
+        f"{cap1(SEASONS[(i % 4 + 1) % 4])} comes after {SEASONS[i % 4]}.",
+        f"Yesterday was {WEEK[i]}, so today is {WEEK[(i + 1) % 7]}.",
+        f"On {WEEK[i]} morning, we go to the {rng.choice(PLACES)}.",
+        f"In {MONTHS[m]}, {rng.choice(NAMES_ALL)} has a birthday.",
+        f"The {rng.choice(['morning', 'afternoon', 'evening', 'night'])} is {rng.choice(['quiet', 'cold', 'warm', 'long', 'bright', 'dark'])}.",
+        "A week has seven days.", "A year has twelve months.", "A day has twenty-four hours.",
+        "An hour has sixty minutes.", "The sun rises in the morning and sets in the evening.",
+        f"First comes {WEEK[i]}, then {WEEK[(i + 1) % 7]}, then {WEEK[(i + 2) % 7]}.",
+    ])
+
+
+def ambiguous_sentence(rng):
+    kind = rng.choice(sorted(AMBIGUOUS))
+    stems, opts = AMBIGUOUS[kind]
+    return f"{rng.choice(stems)} {rng.choice(opts)}."
+
+
+NAMES_ALL = GIRLS + BOYS
+
+
 class World:
     def __init__(self):
         self.facts = build_facts()
         self.all_facts = [f for fs in self.facts.values() for f in fs]
         self.countries = COUNTRIES
+        self.continent_of = {f.subj: f.ans for f in self.facts["continent"]}
+        # facts about the same subject in related families (capital <-> continent, animal facts)
+        self.by_subject = {}
+        for fam in RELATED:
+            for f in self.facts[fam]:
+                self.by_subject[(fam, f.subj)] = f
+        self.animals = {}
+        for fam in ("sound", "baby", "legs"):
+            for f in self.facts[fam]:
+                self.animals.setdefault(f.subj, []).append(f)
 
     # -- which (fact, template) pairs training may use --------------------
     def train_completion_templates(self, f):
@@ -673,81 +964,150 @@ class World:
         h = heldout_index(f, len(JSON_QUESTIONS))
         return [q for i, q in enumerate(JSON_QUESTIONS) if i != h]
 
-    def random_fact(self, rng):
-        # capitals are the star: about 40% of fact mentions
-        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+    def random_fact(self, rng, families=None):
+        fams = families or list(FAMILY_WEIGHTS)
+        fam = rng.choices(fams, weights=[FAMILY_WEIGHTS[f] for f in fams])[0]
         return rng.choice(self.facts[fam])
 
     def fact_sentence(self, rng, f, heldout=False):
+        suffix = ANSWER_SUFFIX.get(f.family, "")
         if heldout:
             ts = COMPLETION_TEMPLATES[f.family]
             t = ts[heldout_index(f, len(ts))]
-        elif rng.random() < 0.2:
-            return rng.choice(REVERSE_TEMPLATES[f.family])(f)
         else:
+            r = rng.random()
+            if r < 0.15:
+                return rng.choice(REVERSE_TEMPLATES[f.family])(f)
+            if r < 0.27 and f.family in QUOTED_TEMPLATES:
+                return rng.choice(QUOTED_TEMPLATES[f.family])(f)
             t = rng.choice(self.train_completion_templates(f))
-        return end_sentence(f"{t(f)} {f.ans}")
+        return end_sentence(f"{t(f)} {f.ans}{suffix}")
 
     # -- document kinds -----------------------------------------------------
     def doc_facts(self, rng, heldout=False):
         n = rng.choice([1, 1, 2, 3, 4])
-        if rng.random() < 0.3:  # a paragraph about one country
-            c = rng.choice(self.facts["capital"])
-            sents = [self.fact_sentence(rng, c, heldout)]
-            cont = [f for f in self.facts["continent"] if f.subj == c.subj]
-            if cont:
-                sents.append(self.fact_sentence(rng, cont[0], heldout))
+        if rng.random() < 0.3:  # a paragraph about one country or one animal
+            if rng.random() < 0.75:
+                c = rng.choice(self.facts["capital"])
+                group = [c] + ([self.by_subject[("continent", c.subj)]]
+                               if ("continent", c.subj) in self.by_subject else [])
+            else:
+                group = self.animals[rng.choice(sorted(self.animals))]
+            sents = [self.fact_sentence(rng, f, heldout) for f in group]
             rng.shuffle(sents)
             return " ".join(sents)
         sep = rng.choice([" ", "\n"])
         return sep.join(self.fact_sentence(rng, self.random_fact(rng), heldout) for _ in range(n))
 
     def doc_json(self, rng):
-        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+        fams = [f for f in FAMILY_WEIGHTS if f in JSON_KEYS]
+        fam = rng.choices(fams, weights=[FAMILY_WEIGHTS[f] for f in fams])[0]
         pool = [f for f in self.facts[fam] if json_allowed(f)]
         return "\n".join(json_text(rng.choice(pool)) for _ in range(rng.randint(1, 4)))
 
-    def chat_turn(self, rng, json_mode=False, heldout=False):
-        """One (user, assistant) pair."""
+    def fact_turn(self, rng, json_mode=False, want_json=False):
+        """A fact question and its answer (a sentence, or JSON when asked)."""
+        if json_mode or want_json:
+            f = self.random_fact(rng, [k for k in FAMILY_WEIGHTS if k in JSON_KEYS])
+            while not json_allowed(f):
+                f = self.random_fact(rng, [k for k in FAMILY_WEIGHTS if k in JSON_KEYS])
+            if json_mode:
+                return f, rng.choice(self.train_chat_questions(f))(f), json_text(f)
+            return f, rng.choice(self.train_json_questions(f))(json_noun_phrase(f)), json_text(f)
+        f = self.random_fact(rng)
+        return f, rng.choice(self.train_chat_questions(f))(f), chat_answer(f)
+
+    def followup_turn(self, rng, prev, json_mode=False):
+        """A follow-up that refers to the previous fact, or None if none fits."""
+        kinds = ["same", "same", "other", "other", "json", "again", "short"]
+        if json_mode:
+            kinds = ["same", "same", "other"]
+        kind = rng.choice(kinds)
+        if kind == "other" and prev.family in RELATED:
+            fam = rng.choice(RELATED[prev.family])
+            g = self.by_subject.get((fam, prev.subj))
+            if g is not None and (not json_mode or json_allowed(g)):
+                q = rng.choice(train_phrasings(FOLLOWUP_OTHER[fam], g))
+                return g, q, json_text(g) if json_mode else chat_answer(g)
+            kind = "same"
+        if kind == "other":
+            kind = "same"
+        if kind == "same":
+            g = rng.choice(self.facts[prev.family])
+            while g is prev or (json_mode and not json_allowed(g)):
+                g = rng.choice(self.facts[prev.family])
+            qs = FOLLOWUP_SAME.get(prev.family, DEFAULT_FOLLOWUP_SAME)
+            q = rng.choice(train_phrasings(qs, g)).format(x=subject_phrase(g))
+            return g, q, json_text(g) if json_mode else chat_answer(g)
+        if kind == "json":
+            if not json_allowed(prev):
+                return None
+            return prev, rng.choice(train_phrasings(FOLLOWUP_JSON, prev)), json_text(prev)
+        if kind == "again":
+            return prev, rng.choice(FOLLOWUP_AGAIN), chat_answer(prev)
+        return prev, rng.choice(FOLLOWUP_SHORT), short_answer(prev)
+
+    def other_turn(self, rng):
+        """Small talk, stories, counting, favourites, "Tell me about"."""
         r = rng.random()
-        if not heldout and not json_mode and r < 0.10:
+        if r < 0.22:
             qs, a = rng.choice(SMALL_TALK)
             return rng.choice(qs), a
-        if not heldout and not json_mode and r < 0.16:
+        if r < 0.50:
+            if rng.random() < 0.4:
+                hero = rng.choice(NAMES_ALL)
+                return rng.choice(HERO_REQUESTS).format(x=hero), story(rng, hero=hero)
             pet = rng.choice(PETS)
             req = rng.choice(STORY_REQUESTS)
             if "{x}" in req:
                 return req.replace("{x}", f"{art(pet)} {pet}"), story(rng, topic_pet=pet)
             return req, story(rng)
-        f = self.random_fact(rng)
-        while (json_mode or r < 0.35) and not json_allowed(f):
-            f = self.random_fact(rng)
-        if json_mode:
-            q = rng.choice(self.train_chat_questions(f))(f)
-            return q, json_text(f)
-        if r < 0.35:  # explicit JSON request
-            q = rng.choice(self.train_json_questions(f))(json_noun_phrase(f))
-            return q, json_text(f)
-        return rng.choice(self.train_chat_questions(f))(f), chat_answer(f)
+        if r < 0.65:
+            return counting_text(rng, chat=True)
+        if r < 0.78:
+            return favourite_answer(rng)
+        return tell_me_about(self, rng)
 
     def doc_chat(self, rng):
         msgs = []
-        json_mode = rng.random() < 0.08
+        json_mode = rng.random() < 0.06
         if json_mode:
             msgs.append({"role": "system", "content": rng.choice(JSON_SYSTEM_PROMPTS)})
-        elif rng.random() < 0.35:
+        elif rng.random() < 0.3:
             msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
-            u, a = self.chat_turn(rng, json_mode=json_mode)
+        prev = None
+        for _ in range(rng.choice([1, 2, 2, 3, 3, 4])):
+            turn = None
+            r = rng.random()
+            if prev is not None and r < 0.6:
+                turn = self.followup_turn(rng, prev, json_mode)
+            if turn is None and not json_mode and r > 0.8:
+                u, a = self.other_turn(rng)
+                prev = None
+            else:
+                if turn is None:
+                    turn = self.fact_turn(rng, json_mode=json_mode, want_json=rng.random() < 0.2)
+                prev, u, a = turn
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         return render_chat(msgs)
 
     def doc_sentences(self, rng):
-        return " ".join(simple_sentence(rng, self.countries) for _ in range(rng.randint(2, 6)))
+        out = []
+        for _ in range(rng.randint(2, 6)):
+            r = rng.random()
+            if r < 0.12:
+                out.append(counting_text(rng))
+            elif r < 0.24:
+                out.append(time_sentence(rng))
+            elif r < 0.40:
+                out.append(ambiguous_sentence(rng))
+            else:
+                out.append(simple_sentence(rng, self.countries))
+        return " ".join(out)
 
     def doc(self, rng):
         kind = rng.choices(["facts", "chat", "json", "story", "sentences"],
-                           weights=[34, 38, 10, 9, 9])[0]
+                           weights=[30, 42, 6, 9, 13])[0]
         return getattr(self, "doc_" + kind)(rng) if kind != "story" else story(rng)
 
 
@@ -780,6 +1140,8 @@ def heldout_prompts(world):
             msgs.insert(0, {"role": "system", "content": sys_rng.choice(SYSTEM_PROMPTS)})
         chats.append({"family": f.family, "messages": msgs, "answer": chat_answer(f)})
     for f in world.all_facts:
+        if f.family not in JSON_KEYS:
+            continue
         if json_allowed(f):
             q = JSON_QUESTIONS[heldout_index(f, len(JSON_QUESTIONS))](json_noun_phrase(f))
             kind = "held-out JSON phrasing"
@@ -796,7 +1158,55 @@ def heldout_prompts(world):
                                     "prompt": f'{{"{k1}": "{f.subj}", "{k2}": "',
                                     "expected": json_object(f), "kind": "fact never seen as JSON"})
     return {"facts": facts, "anchors": anchors, "chat": chats, "json_chat": jsons,
-            "json_completion": json_completion}
+            "json_completion": json_completion, "followup": followup_chains(world)}
+
+
+def followup_chains(world):
+    """Multi-turn conversations whose later questions only make sense with the
+    earlier turns. Each chain is a list of (user message, expected reply, kind).
+    "held-out" chains use, for every turn, the phrasing that fact never sees in
+    training; "anchor" chains use the trained phrasings the README shows.
+    The exchange (previous reply, follow-up) is checked against the corpus."""
+    rng = random.Random(11)
+    chains = []
+    caps = world.facts["capital"]
+    for i in range(90):
+        style = "anchor" if i % 3 == 0 else "held-out"
+        c1 = caps[(i * 7) % len(caps)]
+        c2 = rng.choice([c for c in caps if c is not c1 and ("continent", c.subj) in world.by_subject])
+        cont2 = world.by_subject[("continent", c2.subj)]
+        pick = (lambda qs, f: qs[0]) if style == "anchor" else (lambda qs, f: qs[heldout_index(f, len(qs))])
+        q1 = pick(CHAT_QUESTIONS["capital"], c1)(c1)
+        chains.append({"style": style, "turns": [
+            (q1, chat_answer(c1), "first question"),
+            (pick(FOLLOWUP_SAME["capital"], c2).format(x=subject_phrase(c2)), chat_answer(c2), "same relation, new subject"),
+            (pick(FOLLOWUP_OTHER["continent"], cont2), chat_answer(cont2), "same subject, other relation"),
+            (pick(FOLLOWUP_JSON, cont2), json_text(cont2), "say it again in JSON"),
+        ]})
+    animals = sorted(a for a, fs in world.animals.items() if len(fs) == 3)
+    for i in range(30):
+        style = "anchor" if i % 3 == 0 else "held-out"
+        pick = (lambda qs, f: qs[0]) if style == "anchor" else (lambda qs, f: qs[heldout_index(f, len(qs))])
+        a1, a2 = rng.sample(animals, 2)
+        s1 = world.by_subject[("sound", a1)]
+        s2 = world.by_subject[("sound", a2)]
+        b2 = world.by_subject[("baby", a2)]
+        l2 = world.by_subject[("legs", a2)]
+        chains.append({"style": style, "turns": [
+            (pick(CHAT_QUESTIONS["sound"], s1)(s1), chat_answer(s1), "first question"),
+            (pick(DEFAULT_FOLLOWUP_SAME, s2).format(x=subject_phrase(s2)), chat_answer(s2), "same relation, new subject"),
+            (pick(FOLLOWUP_OTHER["baby"], b2), chat_answer(b2), "same subject, other relation"),
+            (pick(FOLLOWUP_OTHER["legs"], l2), chat_answer(l2), "same subject, other relation"),
+        ]})
+    adds = world.facts["add"]
+    for i in range(30):
+        f1, f2 = rng.sample(adds, 2)
+        chains.append({"style": "anchor", "turns": [
+            (CHAT_QUESTIONS["add"][0](f1), chat_answer(f1), "first question"),
+            (FOLLOWUP_SAME["add"][0].format(x=subject_phrase(f2)), chat_answer(f2), "same relation, new subject"),
+            (FOLLOWUP_SHORT[0], short_answer(f2), "short answer"),
+        ]})
+    return chains
 
 
 def heldout_text_docs(world, n, seed, train_set):
@@ -1118,6 +1528,13 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     res["heldout_prompt_leaks"] = len(fact_leaks) + len(chat_leaks) + len(jc_leaks)
     if res["heldout_prompt_leaks"]:
         log("WARNING leaked held-out prompts:", (fact_leaks + chat_leaks + jc_leaks)[:10])
+    # follow-ups: the exchange "previous reply, follow-up question" of a held-out
+    # chain must be new to the corpus (anchor chains are trained phrasings)
+    fu_strings = [f"{prev[1]}{IM_END}\n{IM_START}user\n{cur[0]}{IM_END}"
+                  for c in P["followup"] if c["style"] == "held-out"
+                  for prev, cur in zip(c["turns"], c["turns"][1:])]
+    res["followup_exchanges_checked"] = len(fu_strings)
+    res["followup_exchange_leaks"] = len(leaks(fu_strings))
 
     # facts: greedy continuation must start with " <answer>" and end the word there
     def fact_eval(items):
@@ -1228,16 +1645,71 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     log(f"held-out perplexity {res['heldout_ppl']:.3f} over {res['heldout_tokens']:,} tokens "
         f"{res['heldout_ppl_by_kind']} ({time.time() - t:.0f}s)")
 
+    # multi-turn: run each chain with the model's own replies in the history (as
+    # nbllm.Chat does) and score every turn's reply exactly
+    t = time.time()
+    fu = {}
+    fu_wrong = []
+    transcripts = []
+    for chain in P["followup"]:
+        msgs = []
+        for q, want, kind in chain["turns"]:
+            msgs.append({"role": "user", "content": q})
+            prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids, stopped = generate_greedy(model, tokenizer, enc(prompt), 60, {im_end, eot})
+            reply = hf.decode(ids)
+            msgs.append({"role": "assistant", "content": reply})
+            ok = stopped and reply == want
+            for key in (f"{chain['style']}: {kind}", f"all: {kind}"):
+                k = fu.setdefault(key, [0, 0])
+                k[0] += ok
+                k[1] += 1
+            if not ok and kind != "first question":
+                fu_wrong.append((q, want, reply))
+        if len(transcripts) < 4 or (chain["style"] == "anchor" and len(transcripts) < 6):
+            transcripts.append(msgs)
+    later = [v for k, v in fu.items() if k.startswith("all: ") and k != "all: first question"]
+    res["followup"] = {
+        "accuracy": round(sum(v[0] for v in later) / sum(v[1] for v in later), 4),
+        "correct": sum(v[0] for v in later), "total": sum(v[1] for v in later),
+        "by_kind": {k: f"{v[0]}/{v[1]}" for k, v in sorted(fu.items())},
+        "chains": len(P["followup"]), "examples_wrong": fu_wrong[:8], "transcripts": transcripts[:6],
+    }
+    log(f"follow-ups {res['followup']['accuracy']:.3f} {res['followup']['by_kind']} ({time.time() - t:.0f}s)")
+
+    # deliberate ambiguity: how spread out the next-token distribution is
+    amb = []
+    for kind, (stems, opts) in AMBIGUOUS.items():
+        for stem in stems[:2]:
+            logits = model(mx.array(enc(stem))[None])[0, -1].astype(mx.float32)
+            probs = np.array(mx.softmax(logits).tolist())
+            ent = float(-(probs * np.log2(np.clip(probs, 1e-12, 1))).sum())
+            opt_ids = [enc(" " + o)[0] for o in opts]
+            top = np.argsort(-probs)[:6]
+            amb.append({"prompt": stem, "entropy_bits": round(ent, 3),
+                        "uniform_bits": round(math.log2(len(opts)), 3),
+                        "p_options": round(float(probs[list(set(opt_ids))].sum()), 4),
+                        "top": [(hf.decode([int(i)]), round(float(probs[i]), 3)) for i in top]})
+    res["ambiguity"] = amb
+    log("ambiguity: " + "; ".join(f"{a['prompt']!r} H={a['entropy_bits']} bits" for a in amb))
+
     # samples for the card
     samples = {}
     for prompt in ["The capital of France is", "Once upon a time", "Mia likes to",
-                   '{"country": "Japan", "capital": "']:
+                   '{"country": "Japan", "capital": "', "3 + 4 =", "one, two, three, four,",
+                   "The day after Monday is", "My favourite colour is"]:
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 48, {eot})
         samples[prompt] = hf.decode(ids)
     for msgs in ([{"role": "user", "content": "What is the capital of France?"}],
                  [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Give the capital of Japan as JSON."}],
-                 [{"role": "user", "content": "Tell me a story."}]):
+                 [{"role": "user", "content": "Tell me a story."}],
+                 [{"role": "user", "content": "Tell me a short story about a cat."}],
+                 [{"role": "user", "content": "Tell me a story about Mia."}],
+                 [{"role": "user", "content": "Tell me about Paris."}],
+                 [{"role": "user", "content": "What is 7 minus 3?"}],
+                 [{"role": "user", "content": "How many legs does a spider have?"}],
+                 [{"role": "user", "content": "Count to five."}]):
         prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 80, {im_end, eot})
         samples["chat: " + msgs[-1]["content"]] = hf.decode(ids)
@@ -1409,8 +1881,10 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate an existing folder")
     ap.add_argument("--seed", type=int, default=CONFIG["seed"])
+    ap.add_argument("--corpus-docs", type=int, default=CONFIG["corpus_docs"],
+                    help="documents to generate (smaller for a quick smoke test)")
     a = ap.parse_args()
-    cfg = dict(CONFIG, seed=a.seed)
+    cfg = dict(CONFIG, seed=a.seed, corpus_docs=a.corpus_docs)
     out = Path(a.out)
     seed = cfg["seed"]
     random.seed(seed)
