@@ -1350,7 +1350,7 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
 
     total = steps
     budget_s = None if steps else minutes * 60.0
-    calib_steps = 50
+    calib_steps, recalib_steps = 50, 250
     t_calib = t0 = time.time()
     t0 = time.time()
     tokens_seen = 0
@@ -1373,9 +1373,12 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
         ema = loss_v if ema is None else 0.95 * ema + 0.05 * loss_v
         if total is None and step == 5:
             t_calib = time.time()  # after compilation and warm-up
-        if total is None and step == calib_steps:
-            per_step = (time.time() - t_calib) / (calib_steps - 5)
-            total = calib_steps + int((budget_s - (time.time() - t0)) / per_step)
+        if budget_s is not None and step in (calib_steps, recalib_steps):
+            # the speed of a shared CPU drifts: measure twice, the second time over a longer window
+            since, t_since = (5, t_calib) if step == calib_steps else (calib_steps, t_recalib)
+            per_step = (time.time() - t_since) / (step - since)
+            total = step + int((budget_s - (time.time() - t0)) / per_step)
+            t_recalib = time.time()
             log(f"budget {minutes:.1f} min at {per_step:.3f} s/step -> --steps {total}")
         if step % 25 == 0 or step == 1 or step == total:
             now = time.time()
@@ -1724,24 +1727,47 @@ def folder_size_bytes(folder):
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
+# The version-1 model's card figures (nbllm 0.1.0, 2.4M parameters, 34 min), the baseline to beat.
+V1_BASELINE = {
+    "facts_heldout": "93.8% (435/464)", "facts_trained": "100.0% (464/464)", "ppl": "2.06",
+    "chat": "98.9% (459/464)", "json_chat": "99.8% valid, 92.0% right (464)",
+    "json_never_seen": "64/64 valid, 30/64 right", "json_completion": "98.4% valid, 48.4% right (64)",
+    "p_paris": "0.9944", "followup": "not trained (\"And of France?\" -> \"A baby bear is called a cub.\")",
+}
+
+
 def write_card(out, report):
     cfg, tr, ev = report["config"], report["training"], report["eval"]
     n_facts = report["n_facts"]
     fh, ft = ev["facts_heldout"], ev["facts_trained_template"]
     ch, jc, jp = ev["chat_heldout"], ev["json_chat_heldout"], ev["json_completion_heldout"]
+    fu = ev["followup"]
+    never = jc["by_kind"].get("fact never seen as JSON", {"valid": 0, "correct": 0, "total": 0})
+    heldj = jc["by_kind"].get("held-out JSON phrasing", {"valid": 0, "correct": 0, "total": 0})
     size_mb = report["folder_bytes"] / 1e6
+    b = V1_BASELINE
     samples = "\n".join(f"- `{k!r}` → `{v!r}`" for k, v in ev["samples"].items())
     fam_rows = "\n".join(f"| {k} | {n_facts[k]} | {fh['per_family'][k]} | {ft['per_family'][k]} |"
                          for k in n_facts)
-    card = f"""# nbllm default model ("nbllm-tiny-world")
+    fu_rows = "\n".join(f"| {k} | {v} |" for k, v in fu["by_kind"].items())
+    amb_rows = "\n".join(
+        f"| `{a['prompt']}` | {a['entropy_bits']:.2f} (uniform: {a['uniform_bits']:.2f}) | {a['p_options']:.2f} | "
+        + ", ".join(f"`{t!r}` {p:.2f}" for t, p in a["top"][:5]) + " |" for a in ev["ambiguity"])
+    transcripts = []
+    for msgs in fu["transcripts"][:3]:
+        transcripts.append("\n".join(f"  - {m['role']}: `{m['content']}`" for m in msgs))
+    transcripts = "\n- conversation:\n".join([""] + transcripts).lstrip("\n")
+    card = f"""# nbllm default model, version 2 ("nbllm-tiny-world")
 
-A tiny decoder-only language model trained from scratch, in about
-{tr['train_seconds'] / 60:.0f} minutes on a 2-core CPU, by
-`scripts/train_default_model.py`. It ships inside the nbllm package so the
-teaching notebooks run offline in seconds. **It is for teaching only**: it knows
-a small synthetic world (country capitals and continents, animal sounds, food
-colors, baby animals, opposite words, simple sentences and short stories), and
-nothing else. Outside that world it produces fluent-looking nonsense.
+A tiny decoder-only language model trained from scratch, in {tr['train_seconds'] / 60:.0f} minutes on a
+2-core CPU, by `scripts/train_default_model.py`. It ships inside the nbllm package so the
+teaching notebooks run offline in seconds. **It is for teaching only**: it knows a small
+synthetic world (country capitals and continents; animal sounds, babies and legs; food
+colours; opposite words; days, months and numbers in order; one-digit addition and
+subtraction; counting; everyday sentences and short stories with named characters; a few
+deliberately open prompts such as "My favourite colour is") and nothing else. Outside that
+world it produces fluent-looking nonsense. It holds a short conversation: follow-ups such as
+"And of France?", "What about its continent?" and "Say that again in JSON." use the earlier turns.
 
 ## Architecture
 
@@ -1767,17 +1793,18 @@ nothing else. Outside that world it produces fluent-looking nonsense.
 - Command (measured run):
   `{report['command']}`
 - Seed {cfg['seed']}; {tr['steps']:,} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens
-  = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.1f} passes over the corpus).
+  = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.2f} passes over the corpus).
+  The step count came from a {report.get('minutes_budget', cfg['default_minutes']):g}-minute budget and the speed measured over the first 50 steps.
 - AdamW (betas {tuple(cfg['adam_betas'])}, weight decay {cfg['weight_decay']}), peak learning rate
   {cfg['peak_lr']:g}, {cfg['warmup_steps']} linear warm-up steps, cosine decay to
   {cfg['min_lr_ratio']:g}x peak; gradient clipping at {cfg['grad_clip']}.
 - Rows of {cfg['seq_len']}+1 tokens packed from whole documents separated by
   `<|endoftext|>`; each row starts at a document start. Loss on every token.
-- Training time: {tr['train_seconds'] / 60:.1f} minutes of wall time ({tr['train_seconds']:.0f} s) for the
-  training loop, on {report['machine']}, under `nice -n 5` with other work sharing the CPU,
-  float32 matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s
-  (on an idle 2-core machine this configuration runs at roughly 3,000-3,500 tokens/s, so the
-  same run would take about a third of the time). Final training loss (EMA): {tr['final_loss_ema']}.
+- Training time: **{tr['train_seconds'] / 60:.1f} minutes** of wall time ({tr['train_seconds']:.0f} s) for the
+  training loop, on {report['machine']}, under `nice -n 5` while another job ran CPU benchmarks on the
+  same two cores (load average {report.get('load_before', '?')} before, {report.get('load_after', '?')} after); float32
+  matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s. Final training loss (EMA):
+  {tr['final_loss_ema']}.
 - Library versions: {report['versions']}.
 
 ## Corpus
@@ -1790,50 +1817,78 @@ are left out; countries on two continents have no continent fact); the templates
 stories and generated text are part of nbllm and under its MIT license.
 
 - {cfg['corpus_docs']:,} documents, {report['corpus_chars']:,} characters, {report['corpus_tokens']:,} tokens.
-- Mix (by document): fact sentences 34%, chat conversations 38%, JSON lines 10%,
-  short stories 9%, everyday sentences 9%.
-- Facts: {sum(n_facts.values())} in six families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
-- Chats follow the chat template, with a system message in about 40% of them
-  (including a "reply with JSON" system mode), 1-3 turns, small talk and story requests.
+- Mix (by document): fact sentences 30%, chat conversations 42%, JSON lines 6%,
+  short stories 9%, everyday sentences 13% (with counting, days/months/seasons and the open prompts).
+- Facts: {sum(n_facts.values())} in {len(n_facts)} families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
+- Fact sentences: several phrasings per fact, answer-first sentences, and sentences that quote the
+  answer (`The capital of Japan is called "Tokyo".`), because inside JSON a value follows a quote and
+  is a different token (`Tokyo`) than in running text (` Tokyo`).
+- Chats: 1-4 turns, a system message in about a third of them (including a "reply with JSON" mode);
+  fact questions, JSON requests, follow-ups that refer to the previous turn (same question about a new
+  subject, another question about the same subject, "Say that again in JSON.", "Say that again.",
+  "Just the answer, please."), "Tell me about Paris.", counting, favourites, stories (also about a
+  named character: "Tell me a story about Mia.").
+- Deliberate ambiguity: "My favourite colour is", "My favourite animal is the", "Today is", "Pick a number
+  from one to ten:" and a few more are completed by a uniformly random choice in the corpus.
 
 ## Evaluation (measured on the shipped folder, loaded with `mlx_lm.load`)
 
 Reproduce: `{report['eval_command']}`
 
-The weights are loaded from the float16 file and upcast to float32 for the
-evaluation, because float16 matmuls on a CPU without fast half-precision kernels are
-several times slower (the upcast values are exactly the stored ones; a spot check of greedy
-fact answers in float16 vs float32 agreed on {ev['fp16_vs_fp32_spot_agreement']}).
+The weights are loaded from the float16 file and upcast to float32 for the evaluation
+(float16 matmuls are slow on this CPU; the upcast values are exactly the stored ones; a spot check of
+greedy fact answers in float16 vs float32 agreed on {ev['fp16_vs_fp32_spot_agreement']}).
 
-"Held out" means: each fact is trained in several phrasings, and for every fact one
-phrasing template is never used with that fact (the template is trained with other
-facts, and the fact is trained in its other phrasings). The same holds for the chat
-question wording and the JSON request wording. In addition, every fifth country never
-appears in JSON form anywhere in training. The evaluation checks that **none of the
-{fh['total'] + ch['total'] + jc['total'] + jp['total']} held-out prompt strings occurs anywhere in the training
-corpus** (leaks found: {ev['heldout_prompt_leaks']}). This measures recombining known facts with known
-phrasings, not knowledge of new facts.
+"Held out" means: each fact is trained in several phrasings, and for every fact one phrasing is
+never used with that fact (the phrasing is trained with other facts, and the fact in its other
+phrasings). The same holds for the chat question, the JSON request and each follow-up wording. Every
+fifth country never appears in JSON form anywhere in training (its facts are seen only in sentences,
+plain and quoted). The evaluation checks that **none of the {fh['total'] + ch['total'] + jc['total'] + jp['total']} held-out
+prompt strings occurs anywhere in the training corpus** (leaks found: {ev['heldout_prompt_leaks']}), nor any of the
+{ev['followup_exchanges_checked']} "previous reply + follow-up question" exchanges of the held-out conversations
+(leaks found: {ev['followup_exchange_leaks']}). This measures recombining known facts with known phrasings, not
+knowledge of new facts.
 
-| measure | result |
-| --- | --- |
-| greedy fact accuracy, held-out prompts (e.g. "Japan's capital is") | **{fh['accuracy'] * 100:.1f}%** ({fh['correct']}/{fh['total']}) |
-| greedy fact accuracy, trained anchor phrasing (e.g. "The capital of Japan is") | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) |
-| perplexity on held-out generated text | **{ev['heldout_ppl']:.2f}** ({ev['heldout_tokens']:,} tokens, {ev['heldout_docs']} documents) |
-| chat-format accuracy (exact reply, then `<|im_end|>`), held-out questions | **{ch['accuracy'] * 100:.1f}%** ({ch['correct']}/{ch['total']}); stopped on `<|im_end|>`: {ch['stopped_on_im_end'] * 100:.1f}% |
-| JSON validity, held-out chat requests | **{jc['valid_rate'] * 100:.1f}%** valid, {jc['correct_rate'] * 100:.1f}% exactly right ({jc['total']} prompts) |
-| JSON validity, completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% exactly right ({jp['total']} prompts) |
-| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} |
-| load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call in the process {ev['load_seconds_first']:.2f} s) |
-| generation speed (`mlx_lm.stream_generate`, batch 1, this CPU) | {ev['greedy_tok_per_s_stored_dtype']:.0f} tokens/s as stored ({ev['stored_dtype']}), {ev['greedy_tok_per_s']:.0f} tokens/s after `model.set_dtype(mx.float32)` |
+| measure | version 2 (this model) | version 1 (baseline) |
+| --- | --- | --- |
+| greedy fact accuracy, held-out phrasings (e.g. "Japan's capital is") | **{fh['accuracy'] * 100:.1f}%** ({fh['correct']}/{fh['total']}) | {b['facts_heldout']} |
+| greedy fact accuracy, trained anchor phrasing (e.g. "The capital of Japan is") | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) | {b['facts_trained']} |
+| perplexity on held-out generated text | **{ev['heldout_ppl']:.2f}** ({ev['heldout_tokens']:,} tokens, {ev['heldout_docs']} documents) | {b['ppl']} (a smaller world) |
+| chat exact reply then `<|im_end|>`, held-out questions | **{ch['accuracy'] * 100:.1f}%** ({ch['correct']}/{ch['total']}); stopped on `<|im_end|>`: {ch['stopped_on_im_end'] * 100:.1f}% | {b['chat']} |
+| multi-turn follow-ups, exact reply (model's own earlier replies in the history) | **{fu['accuracy'] * 100:.1f}%** ({fu['correct']}/{fu['total']}, {fu['chains']} conversations) | {b['followup']} |
+| JSON in chat, held-out request wording | {heldj['valid']}/{heldj['total']} valid, {heldj['correct']}/{heldj['total']} right | {b['json_chat']} |
+| **JSON in chat for facts never seen as JSON** | {never['valid']}/{never['total']} valid, **{never['correct']}/{never['total']} right ({never['correct'] / max(1, never['total']) * 100:.1f}%)** | {b['json_never_seen']} |
+| JSON completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% right ({jp['total']}) | {b['json_completion']} |
+| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} | {b['p_paris']} |
+| load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call {ev['load_seconds_first']:.2f} s) | |
+| generation speed (`mlx_lm.stream_generate`, batch 1, this CPU) | {ev['greedy_tok_per_s_stored_dtype']:.0f} tokens/s as stored, {ev['greedy_tok_per_s']:.0f} tokens/s in float32 | |
 
 Perplexity by kind of held-out text: {', '.join(f'{k} {v:.2f}' for k, v in ev['heldout_ppl_by_kind'].items())}.
-JSON chat by kind: {', '.join(f"{k}: {v['valid']}/{v['total']} valid, {v['correct']}/{v['total']} right" for k, v in jc['by_kind'].items())}.
 
 Held-out fact accuracy by family:
 
-| family | facts | held-out prompts correct | anchor prompts correct |
+| family | facts | held-out phrasing correct | anchor phrasing correct |
 | --- | --- | --- | --- |
 {fam_rows}
+
+Multi-turn follow-ups by kind ("held-out": every turn in the wording that fact never sees in training;
+"anchor": the trained wordings the README uses, e.g. "And of France?", "What about its continent?",
+"Say that again in JSON."):
+
+| turn | correct |
+| --- | --- |
+{fu_rows}
+
+Example conversations (greedy, the model's own replies):
+
+{transcripts}
+
+Deliberate ambiguity: entropy of the next-token distribution (bits), the probability the model gives
+to the options the corpus uses, and the top candidates:
+
+| prompt | entropy, bits | P(options) | top candidates |
+| --- | --- | --- | --- |
+{amb_rows}
 
 Greedy samples:
 
@@ -1842,25 +1897,24 @@ Greedy samples:
 ## Using it
 
 ```python
-import mlx_lm
-model, tokenizer = mlx_lm.load("nbllm/assets/default-model")
-mlx_lm.generate(model, tokenizer, "The capital of France is", max_tokens=5)
-prompt = tokenizer.apply_chat_template(
-    [{{"role": "user", "content": "What is the capital of France?"}}], add_generation_prompt=True)
-mlx_lm.generate(model, tokenizer, prompt, max_tokens=30)  # stops on <|im_end|>
+import nbllm
+lm = nbllm.load()                                     # this model
+lm.generate("The capital of France is", raw=True, max_tokens=3).text   # ' Paris.'
+chat = nbllm.Chat(lm)
+chat.send("What is the capital of Japan?").text       # 'The capital of Japan is Tokyo.'
+chat.send("And of France?").text                      # 'The capital of France is Paris.'
 ```
 
-On a CPU (e.g. Linux with `mlx[cpu]`), `model.set_dtype(mlx.core.float32)` after loading
-makes generation about 3x and long prompts about 10x faster (float32 matmuls use BLAS);
-Apple-silicon GPUs run float16 natively.
+With mlx-lm directly: `mlx_lm.load("nbllm/assets/default-model")`; on a CPU,
+`model.set_dtype(mlx.core.float32)` after loading makes generation several times faster
+(float32 matmuls use BLAS); Apple-silicon GPUs run float16 natively.
 
 ## Intended use and limits
 
-Teaching only: showing tokenization, sampling (temperature and top-p visibly change
-the output because facts have a sharp distribution while stories do not), chat
-templates, stop tokens, KV caches and structured (JSON) generation, offline and
-fast. It is not a source of facts: it was trained on a fixed list of {n_facts['capital']}
-capitals and will confidently make up answers for anything else.
+Teaching only: tokenization, sampling (facts have a sharp distribution, stories and the open
+prompts a wide one), chat templates and multi-turn context, stop tokens, KV caches and structured
+(JSON) generation, offline and fast. It is not a source of facts: it was trained on a fixed list of
+{n_facts['capital']} capitals and one-digit sums and will confidently make up answers for anything else.
 """
     (out / "MODEL_CARD.md").write_text(card)
 
@@ -1868,6 +1922,13 @@ capitals and will confidently make up answers for anything else.
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
+def loadavg():
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def versions():
     import importlib.metadata as md
     return ", ".join(f"{p} {md.version(p)}" for p in ["mlx", "mlx-lm", "tokenizers", "transformers"])
@@ -1880,12 +1941,16 @@ def main():
                     help=f"training budget (default {CONFIG['default_minutes']}); sets --steps from measured speed")
     ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate an existing folder")
+    ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from training_report.json")
     ap.add_argument("--seed", type=int, default=CONFIG["seed"])
     ap.add_argument("--corpus-docs", type=int, default=CONFIG["corpus_docs"],
                     help="documents to generate (smaller for a quick smoke test)")
     a = ap.parse_args()
     cfg = dict(CONFIG, seed=a.seed, corpus_docs=a.corpus_docs)
     out = Path(a.out)
+    if a.card_only:
+        write_card(out, json.loads((out / "training_report.json").read_text()))
+        return
     seed = cfg["seed"]
     random.seed(seed)
     np.random.seed(seed)
@@ -1920,8 +1985,10 @@ def main():
         f"({time.time() - t:.1f}s)")
 
     minutes = a.minutes if a.minutes is not None else CONFIG["default_minutes"]
+    load_before = loadavg()
     model, args, tr = train(cfg, doc_tokens, vocab_size, tok.token_to_id(EOT), a.steps,
                             minutes, seed)
+    load_after = loadavg()
     write_folder(out, model, cfg, tok, vocab_size)
     log(f"wrote {out}")
 
@@ -1943,6 +2010,8 @@ def main():
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores" if platform.system() == "Linux"
                    else platform.platform(),
         "versions": versions(),
+        "load_before": load_before, "load_after": load_after,
+        "minutes_budget": None if a.steps else minutes,
     }
     ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
     report["eval"] = ev
