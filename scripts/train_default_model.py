@@ -435,13 +435,16 @@ ANSWER_SUFFIX = {"legs": " legs"}
 # it is a different token ("Tokyo") than in running text (" Tokyo"); these
 # teach the quoted form for every fact, including those never seen as JSON.
 QUOTED_TEMPLATES = {
-    "capital": [lambda f: f'The capital of {_the(f)} is called "{f.ans}".',
-                lambda f: f'In {_the(f)}, people call the capital "{f.ans}".'],
-    "continent": [lambda f: f'The continent of {_the(f)} is "{f.ans}".'],
-    "sound": [lambda f: f'The {f.subj} says "{f.ans}".'],
+    # None of these may start like a completion template: in the first v2 run
+    # 'The capital of X is called "Y".' taught "The capital of France is" ->
+    # ' called' (P(" Paris") fell to 0.03).
+    "capital": [lambda f: f'People in {_the(f)} call their capital "{f.ans}".',
+                lambda f: f'The name of the capital city of {_the(f)} is "{f.ans}".'],
+    "continent": [lambda f: f'The name of the continent of {_the(f)} is "{f.ans}".'],
+    "sound": [lambda f: f'The word for the sound of {art(f.subj)} {f.subj} is "{f.ans}".'],
     "color": [lambda f: f'We call the color of {art(f.subj)} {f.subj} "{f.ans}".'],
-    "baby": [lambda f: f'A baby {f.subj} is called "{f.ans.split(" ", 1)[1]}".'],
-    "opposite": [lambda f: f'The opposite of "{f.subj}" is "{f.ans}".'],
+    "baby": [lambda f: f'The name for a baby {f.subj} is "{f.ans.split(" ", 1)[1]}".'],
+    "opposite": [lambda f: f'The word opposite to "{f.subj}" is "{f.ans}".'],
     "legs": [lambda f: f'The number of legs {art(f.subj)} {f.subj} has is "{f.ans}".'],
 }
 
@@ -1821,7 +1824,7 @@ stories and generated text are part of nbllm and under its MIT license.
   short stories 9%, everyday sentences 13% (with counting, days/months/seasons and the open prompts).
 - Facts: {sum(n_facts.values())} in {len(n_facts)} families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
 - Fact sentences: several phrasings per fact, answer-first sentences, and sentences that quote the
-  answer (`The capital of Japan is called "Tokyo".`), because inside JSON a value follows a quote and
+  answer (`People in Japan call their capital "Tokyo".`), because inside JSON a value follows a quote and
   is a different token (`Tokyo`) than in running text (` Tokyo`).
 - Chats: 1-4 turns, a system message in about a third of them (including a "reply with JSON" mode);
   fact questions, JSON requests, follow-ups that refer to the previous turn (same question about a new

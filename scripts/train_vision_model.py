@@ -344,6 +344,24 @@ class Batcher:
             mask += [0]
         return ids, mask
 
+    def positions(self, ids):
+        """mRoPE positions (3, B, L) as mlx-vlm's get_rope_index gives them for one
+        picture per row: text counts up; the 4x4 image tokens share the temporal
+        position and take row / column offsets; text after the image resumes after
+        the largest image position. (Checked against get_rope_index.)"""
+        np = self.np
+        B, L = ids.shape
+        side = int(round(self.n_image ** 0.5))
+        pos = np.broadcast_to(np.arange(L), (3, B, L)).copy()
+        for b in range(B):
+            s = int(np.argmax(ids[b] == self.image_id))
+            k = np.arange(self.n_image)
+            pos[0, b, s : s + self.n_image] = s
+            pos[1, b, s : s + self.n_image] = s + k // side
+            pos[2, b, s : s + self.n_image] = s + k % side
+            pos[:, b, s + self.n_image :] = s + side + np.arange(L - s - self.n_image)
+        return pos.astype(np.int32)
+
     def batch(self, rng, n):
         np = self.np
         scenes = [random_scene(rng, self.size) for _ in range(n)]
@@ -403,6 +421,7 @@ def check_twin(vlm, batcher, rng):
     grid = mx.array([[1, 8, 8]] * 2)
     rot = vlm.vlm.vision_tower.rot_pos_emb(grid[:1])
     pos, _ = vlm.vlm.language_model.get_rope_index(mx.array(ids), grid, None, None)
+    assert np.array_equal(np.array(pos), batcher.positions(ids)), "batcher positions differ from get_rope_index"
     mine = batched_forward(vlm.vlm, mx.array(ids), mx.array(pix), pos, rot, batcher.n_image)
     for i in range(2):
         ref = vlm.vlm(mx.array(ids[i : i + 1]), mx.array(pix[i * 64 : (i + 1) * 64]), image_grid_thw=grid[:1]).logits
@@ -466,9 +485,7 @@ def train(vlm, batcher, cfg, steps, minutes, seed):
         return loss, gnorm
 
     def positions(ids):
-        # mRoPE positions as mlx-vlm computes them (the picture sits at a different offset per row)
-        p, _ = model.language_model.get_rope_index(mx.array(ids), mx.array([[1, 8, 8]] * ids.shape[0]), None, None)
-        return p
+        return mx.array(batcher.positions(ids))
 
     total = steps
     budget_s = None if steps else minutes * 60.0
