@@ -10,7 +10,7 @@ The pipeline, one function per stage:
   (c) build a tiny Qwen2-VL with mlx-vlm's own classes, in the layout of
       ``nbllm.fixtures_vision`` ("qwen2_vl": same special tokens, chat
       template and Qwen2-VL image processor, with min/max pixels set so a
-      84x84 picture becomes 9 image tokens);
+      112x112 picture becomes 16 image tokens);
   (d) train it on multi-turn conversations about each picture (loss on the
       assistant replies only);
   (e) write the folder and evaluate it through nbllm's real vision path
@@ -19,15 +19,15 @@ The pipeline, one function per stage:
 
 Usage (from the repository root, with the project's venv):
 
-    nice -n 5 .venv/bin/python scripts/train_vision_model.py               # 24 minute budget
+    nice -n 5 .venv/bin/python scripts/train_vision_model.py               # 32 minute budget
     nice -n 5 .venv/bin/python scripts/train_vision_model.py --steps 3000  # fixed step count
     .venv/bin/python scripts/train_vision_model.py --eval-only             # re-evaluate the folder
 
 The picture generator is importable without mlx, for notebooks:
 
     from train_vision_model import draw_scene, random_scene, answer
-    scene = [("circle", "red", 22, 30, 10), ("square", "blue", 62, 56, 10)]
-    image = draw_scene(scene)                  # an 84x84 PIL image
+    scene = [("circle", "red", 30, 40, 12), ("square", "blue", 80, 70, 11)]
+    image = draw_scene(scene)                  # a 112x112 PIL image
     answer(scene, "What colour is the circle?")  # 'The circle is red.'
 """
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------
 CONFIG = {
     "seed": 4321,
-    "image_size": 84,  # pixels; 6x6 patches of 14, merged 2x2 -> 9 image tokens
+    "image_size": 112,  # pixels; 8x8 patches of 14, merged 2x2 -> 16 image tokens
     "vocab_size": 512,
     "tokenizer_conversations": 20_000,
     # language model (mlx_vlm.models.qwen2_vl TextConfig)
@@ -61,7 +61,7 @@ CONFIG = {
     "weight_decay": 0.05,
     "adam_betas": (0.9, 0.98),
     "grad_clip": 1.0,
-    "default_minutes": 24.0,
+    "default_minutes": 32.0,
     # evaluation
     "eval_images": 150,
     "eval_seed": 987654,
@@ -98,7 +98,7 @@ def log(*parts):
 # (a) Pictures and their questions. A scene is a list of objects
 # (shape, colour, centre x, centre y, radius) in pixels of a square canvas.
 # ---------------------------------------------------------------------------
-def random_scene(rng, size=84, max_objects=3):
+def random_scene(rng, size=112, max_objects=3):
     """1 to ``max_objects`` non-overlapping shapes; shapes and colours may repeat."""
     n = rng.randint(1, max_objects)
     # a third of the pictures repeat one or two shapes, so counts above one are common
@@ -107,14 +107,14 @@ def random_scene(rng, size=84, max_objects=3):
     tries = 0
     while len(objs) < n and tries < 200:
         tries += 1
-        r = rng.randint(8, 12)
+        r = rng.randint(11, 16)
         x, y = rng.randint(r + 2, size - r - 3), rng.randint(r + 2, size - r - 3)
-        if all((x - o[2]) ** 2 + (y - o[3]) ** 2 > (r + o[4] + 3) ** 2 for o in objs):
+        if all((x - o[2]) ** 2 + (y - o[3]) ** 2 > (r + o[4] + 4) ** 2 for o in objs):
             objs.append((rng.choice(shapes), rng.choice(sorted(COLOURS)), x, y, r))
     return objs
 
 
-def draw_scene(scene, size=84):
+def draw_scene(scene, size=112):
     """Draw a scene as an RGB ``PIL.Image`` (white background)."""
     from PIL import Image, ImageDraw
 
@@ -166,11 +166,11 @@ def questions_for(scene, rng=None):
         for b in SHAPES:
             if a != b and len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
                 ax, ay, bx, by = by_shape[a][0][2], by_shape[a][0][3], by_shape[b][0][2], by_shape[b][0][3]
-                if abs(ax - bx) >= 8:
+                if abs(ax - bx) >= 10:
                     yes = "Yes." if ax < bx else "No."
                     qs.append(("position", f"Is the {a} left of the {b}?", yes))
                     qs.append(("position", f"Is the {a} right of the {b}?", "Yes." if ax > bx else "No."))
-                if abs(ay - by) >= 8:
+                if abs(ay - by) >= 10:
                     qs.append(("position", f"Is the {a} above the {b}?", "Yes." if ay < by else "No."))
     return qs
 
@@ -249,7 +249,7 @@ def write_folder_files(out, cfg, corpus):
     config = model_config(cfg, tok)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     pre = dict(spec["files"]["preprocessor_config.json"])
-    # every picture of about image_size^2 pixels becomes one patch grid (6x6 at 84 px)
+    # every picture of about image_size^2 pixels becomes one 8x8 patch grid
     side = cfg["image_size"]
     pre.update({"min_pixels": side * side, "max_pixels": side * side})
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
@@ -380,15 +380,15 @@ class Batcher:
 def batched_forward(vlm_model, ids, pixels, positions, rot, n_image):
     """Logits for a batch: mlx-vlm's Qwen2-VL forward with batched vision attention.
 
-    ids (B, L); pixels (B * patches, 1176); positions (3, B, L); rot: the vision
-    rotary frequencies of one picture's patch grid (patches, head_dim / 2).
+    ids (B, L); pixels (B * 64, 1176); positions (3, B, L); rot: the vision
+    rotary frequencies of one 8x8 grid (64, head_dim / 2).
     """
     import mlx.core as mx
     from mlx_vlm.models.qwen2_vl.vision import apply_rotary_pos_emb_vision
 
     vt = vlm_model.vision_tower
     B = ids.shape[0]
-    h = vt.patch_embed(pixels)  # (B * patches, D)
+    h = vt.patch_embed(pixels)  # (B * 64, D)
     n = h.shape[0] // B
     D = h.shape[-1]
     for blk in vt.blocks:
@@ -418,15 +418,13 @@ def check_twin(vlm, batcher, rng):
     import numpy as np
 
     ids, mask, pix = batcher.batch(rng, 2)
-    side = batcher.size // batcher.patch
-    n_p = side * side
-    grid = mx.array([[1, side, side]] * 2)
+    grid = mx.array([[1, 8, 8]] * 2)
     rot = vlm.vlm.vision_tower.rot_pos_emb(grid[:1])
     pos, _ = vlm.vlm.language_model.get_rope_index(mx.array(ids), grid, None, None)
     assert np.array_equal(np.array(pos), batcher.positions(ids)), "batcher positions differ from get_rope_index"
     mine = batched_forward(vlm.vlm, mx.array(ids), mx.array(pix), pos, rot, batcher.n_image)
     for i in range(2):
-        ref = vlm.vlm(mx.array(ids[i : i + 1]), mx.array(pix[i * n_p : (i + 1) * n_p]), image_grid_thw=grid[:1]).logits
+        ref = vlm.vlm(mx.array(ids[i : i + 1]), mx.array(pix[i * 64 : (i + 1) * 64]), image_grid_thw=grid[:1]).logits
         err = float(mx.abs(ref[0] - mine[i]).max())
         assert err < 1e-3, f"training forward differs from mlx-vlm's by {err}"
     # and the processor's own pixels and ids match the batcher's
@@ -466,8 +464,8 @@ def train(vlm, batcher, cfg, steps, minutes, seed):
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M)")
     B = cfg["batch_size"]
-    side = cfg["image_size"] // 14
-    rot = model.vision_tower.rot_pos_emb(mx.array([[1, side, side]]))
+    grid = mx.array([[1, 8, 8]])
+    rot = model.vision_tower.rot_pos_emb(grid)
     opt = optim.AdamW(learning_rate=cfg["peak_lr"], betas=list(cfg["adam_betas"]), weight_decay=cfg["weight_decay"])
 
     def loss_fn(m, ids, mask, pix, pos):
@@ -614,7 +612,7 @@ for teaching only**: it has never seen a photograph, and outside its world of
   `nbllm.fixtures_vision` ("qwen2_vl"): the same special tokens and chat template, and the
   Qwen2-VL-2B-Instruct image-processor configuration with `min_pixels = max_pixels =
   {cfg['image_size']}*{cfg['image_size']}`, so every picture is resized to about
-  {cfg['image_size']}x{cfg['image_size']} pixels = {cfg['image_size'] // 14}x{cfg['image_size'] // 14} patches of 14 px, merged 2x2 into
+  {cfg['image_size']}x{cfg['image_size']} pixels = 8x8 patches of 14 px, merged 2x2 into
   **{ev['image_tokens']} image tokens**. Loads with `mlx_vlm.load` and `nbllm.load` (a `VisionLM`).
 - {tr['params']:,} parameters ({tr['params'] / 1e6:.2f}M). Vision tower: {cfg['vision_depth']} blocks,
   width {cfg['vision_embed_dim']}, {cfg['vision_num_heads']} heads, MLP ratio {cfg['vision_mlp_ratio']}, patch merger
@@ -645,14 +643,14 @@ for teaching only**: it has never seen a photograph, and outside its world of
 ## Data
 
 Pictures are drawn by the script (`random_scene`, `draw_scene`): 1-3 non-overlapping shapes
-({', '.join(SHAPES)}) of radius 8-12 px in {', '.join(COLOURS)}, on a white
+({', '.join(SHAPES)}) of radius 11-16 px in {', '.join(COLOURS)}, on a white
 {cfg['image_size']}x{cfg['image_size']} canvas. Shapes and colours may repeat. Questions are asked only
 when the picture answers them unambiguously (`questions_for`):
 
 - colour: "What colour is the circle?" (one circle in the picture) → "The circle is red."
 - count: "How many squares are there?" → "There are two squares." / "There is one square." / "There are no squares."; "How many shapes are there?"
 - shape: "What shape is blue?" (one blue shape) → "The blue shape is a star."
-- position: "Is the triangle left of the star?" / "right of" / "above" (one of each, at least 8 px apart) → "Yes." / "No."
+- position: "Is the triangle left of the star?" / "right of" / "above" (one of each, at least 10 px apart) → "Yes." / "No."
 
 ## Evaluation (held-out pictures, through nbllm's public API)
 
@@ -681,7 +679,7 @@ Example chats (held-out pictures):
 import nbllm
 from train_vision_model import draw_scene   # scripts/ on sys.path
 vlm = nbllm.load("nbllm/assets/default-vision")
-img = draw_scene([("circle", "red", 22, 30, 10), ("square", "blue", 62, 56, 10)])
+img = draw_scene([("circle", "red", 30, 40, 12), ("square", "blue", 80, 70, 11)])
 vlm.generate("What colour is the circle?", images=img).text   # 'The circle is red.'
 chat = nbllm.Chat(vlm)
 chat.send("What colour is the circle?", images=img)

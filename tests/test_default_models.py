@@ -29,6 +29,9 @@ def lm() -> nbllm.LM:
 
 @pytest.fixture(scope="module")
 def vlm() -> nbllm.VisionLM:
+    if not (VISION_PATH / "model.safetensors").exists():
+        # no trained vision model has met its card's bar yet (scripts/reports/default_vision_*)
+        pytest.skip("nbllm/assets/default-vision not built: run scripts/train_vision_model.py")
     model = nbllm.load(VISION_PATH)
     assert isinstance(model, nbllm.VisionLM)
     return model
