@@ -31,7 +31,7 @@ from __future__ import annotations
 CONFIG = {
     "seed": 1234,
     # corpus
-    "corpus_docs": 200_000,  # synthetic training documents generated up front
+    "corpus_docs": 150_000,  # synthetic training documents generated up front
     "tokenizer_docs": 40_000,  # the first N of them train the tokenizer
     "heldout_docs": 2_000,  # held-out documents for perplexity
     # tokenizer
@@ -53,7 +53,7 @@ CONFIG = {
     "weight_decay": 0.1,
     "adam_betas": (0.9, 0.95),
     "grad_clip": 1.0,
-    "default_minutes": 28.0,
+    "default_minutes": 42.0,
     # output
     "save_dtype": "float16",
 }
@@ -238,6 +238,35 @@ OPPOSITE_PAIRS = [
     ("buy", "sell"), ("friend", "enemy"),
 ]
 
+ANIMAL_LEGS = [
+    ("dog", "four"), ("cat", "four"), ("cow", "four"), ("horse", "four"), ("pig", "four"),
+    ("sheep", "four"), ("lion", "four"), ("mouse", "four"), ("elephant", "four"), ("giraffe", "four"),
+    ("bird", "two"), ("duck", "two"), ("hen", "two"), ("owl", "two"), ("penguin", "two"),
+    ("spider", "eight"), ("bee", "six"), ("ant", "six"), ("beetle", "six"), ("crab", "ten"),
+]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                "eighteen", "nineteen", "twenty"]
+WEEK = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+SEASONS = ["spring", "summer", "autumn", "winter"]
+# Deliberate ambiguity for sampling lessons: each of these is completed, in the
+# corpus, by a uniformly random choice, so the model learns a spread-out
+# distribution instead of one answer.
+AMBIGUOUS = {
+    "colour": (["My favourite colour is", "My favorite color is", "Her favourite colour is",
+                "His favorite color is"],
+               ["red", "blue", "green", "yellow", "purple", "orange", "pink"]),
+    "animal": (["My favourite animal is the", "My favorite animal is the"],
+               ["cat", "dog", "horse", "rabbit", "lion", "owl", "duck", "frog"]),
+    "food": (["For lunch, I would like", "For dinner, I want"],
+             ["soup", "rice", "pasta", "cake", "bread", "pancakes", "cheese"]),
+    "day": (["Today is", "My birthday is on a"], WEEK),
+    "number": (["I am thinking of a number from one to ten. It is", "Pick a number from one to ten:"],
+               NUMBER_WORDS[1:11]),
+}
+
 
 def art(word):
     return "an" if word[0] in "aeiou" else "a"
@@ -268,7 +297,8 @@ def the_name(name, takes_the):
 
 
 def build_facts():
-    facts = {"capital": [], "continent": [], "sound": [], "color": [], "baby": [], "opposite": []}
+    facts = {"capital": [], "continent": [], "sound": [], "color": [], "baby": [], "opposite": [],
+             "legs": [], "day_after": [], "month_after": [], "number_after": [], "add": [], "sub": []}
     for i, (name, takes_the, capital, continent) in enumerate(COUNTRIES):
         # every 5th country never appears in JSON anywhere in training
         extra = {"the": the_name(name, takes_the), "json_heldout": i % 5 == 2}
@@ -284,6 +314,19 @@ def build_facts():
     for w, o in OPPOSITE_PAIRS:
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), w, o))
         facts["opposite"].append(Fact("opposite", len(facts["opposite"]), o, w))
+    for a, n in ANIMAL_LEGS:
+        facts["legs"].append(Fact("legs", len(facts["legs"]), a, n))
+    for fam, seq in (("day_after", WEEK), ("month_after", MONTHS)):
+        for i, x in enumerate(seq):
+            facts[fam].append(Fact(fam, i, x, seq[(i + 1) % len(seq)]))
+    for i in range(20):
+        facts["number_after"].append(Fact("number_after", i, NUMBER_WORDS[i], NUMBER_WORDS[i + 1]))
+    for a in range(1, 10):
+        for b in range(1, 10):
+            facts["add"].append(Fact("add", len(facts["add"]), f"{a}+{b}", str(a + b), {"a": a, "b": b}))
+    for a in range(2, 11):
+        for b in range(1, a):
+            facts["sub"].append(Fact("sub", len(facts["sub"]), f"{a}-{b}", str(a - b), {"a": a, "b": b}))
     # "Sudan's capital is" is a substring of "South Sudan's capital is": such
     # pairs hold out the same template, so neither string is ever trained
     for fs in facts.values():
@@ -345,6 +388,64 @@ COMPLETION_TEMPLATES = {
         lambda f: f"The opposite word for {f.subj} is",
         lambda f: f"What is the opposite of {f.subj}? It is",
     ],
+    "legs": [
+        lambda f: f"{cap1(art(f.subj))} {f.subj} has",
+        lambda f: f"{cap1(art(f.subj))} {f.subj} walks on",
+        lambda f: f"How many legs does {art(f.subj)} {f.subj} have? It has",
+        lambda f: f"Every {f.subj} has",
+    ],
+    "day_after": [
+        lambda f: f"The day after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What day comes after {f.subj}? It is",
+        lambda f: f"If today is {f.subj}, tomorrow is",
+    ],
+    "month_after": [
+        lambda f: f"The month after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What month comes after {f.subj}? It is",
+        lambda f: f"If this month is {f.subj}, next month is",
+    ],
+    "number_after": [
+        lambda f: f"The number after {f.subj} is",
+        lambda f: f"After {f.subj} comes",
+        lambda f: f"What number comes after {f.subj}? It is",
+        lambda f: f"{cap1(f.subj)} plus one is",
+    ],
+    "add": [
+        lambda f: f"{f.extra['a']} plus {f.extra['b']} is",
+        lambda f: f"{f.extra['a']} + {f.extra['b']} =",
+        lambda f: f"What is {f.extra['a']} plus {f.extra['b']}? It is",
+        lambda f: f"The sum of {f.extra['a']} and {f.extra['b']} is",
+        lambda f: f"If you add {f.extra['a']} and {f.extra['b']}, you get",
+    ],
+    "sub": [
+        lambda f: f"{f.extra['a']} minus {f.extra['b']} is",
+        lambda f: f"{f.extra['a']} - {f.extra['b']} =",
+        lambda f: f"What is {f.extra['a']} minus {f.extra['b']}? It is",
+        lambda f: f"{f.extra['a']} take away {f.extra['b']} is",
+        lambda f: f"If you take {f.extra['b']} from {f.extra['a']}, you get",
+    ],
+}
+
+# Words that follow the answer in a fact sentence ("A dog has four legs.").
+ANSWER_SUFFIX = {"legs": " legs"}
+
+# Forward sentences that quote the answer. In JSON a value follows a quote, so
+# it is a different token ("Tokyo") than in running text (" Tokyo"); these
+# teach the quoted form for every fact, including those never seen as JSON.
+QUOTED_TEMPLATES = {
+    # None of these may start like a completion template: in the first v2 run
+    # 'The capital of X is called "Y".' taught "The capital of France is" ->
+    # ' called' (P(" Paris") fell to 0.03).
+    "capital": [lambda f: f'People in {_the(f)} call their capital "{f.ans}".',
+                lambda f: f'The name of the capital city of {_the(f)} is "{f.ans}".'],
+    "continent": [lambda f: f'The name of the continent of {_the(f)} is "{f.ans}".'],
+    "sound": [lambda f: f'The word for the sound of {art(f.subj)} {f.subj} is "{f.ans}".'],
+    "color": [lambda f: f'We call the color of {art(f.subj)} {f.subj} "{f.ans}".'],
+    "baby": [lambda f: f'The name for a baby {f.subj} is "{f.ans.split(" ", 1)[1]}".'],
+    "opposite": [lambda f: f'The word opposite to "{f.subj}" is "{f.ans}".'],
+    "legs": [lambda f: f'The number of legs {art(f.subj)} {f.subj} has is "{f.ans}".'],
 }
 
 # Sentences with the answer first; always trained (they are not prompts).
@@ -357,6 +458,15 @@ REVERSE_TEMPLATES = {
     "color": [lambda f: f"{cap1(f.ans)} is the color of {art(f.subj)} {f.subj}."],
     "baby": [lambda f: f"{cap1(f.ans)} is a baby {f.subj}."],
     "opposite": [lambda f: f"{cap1(f.ans)} and {f.subj} are opposites."],
+    "legs": [lambda f: f"{cap1(f.ans)} legs carry {art(f.subj)} {f.subj}."],
+    "day_after": [lambda f: f"{f.ans} comes after {f.subj}.", lambda f: f"{f.subj} comes before {f.ans}."],
+    "month_after": [lambda f: f"{f.ans} comes after {f.subj}.", lambda f: f"{f.subj} comes before {f.ans}."],
+    "number_after": [lambda f: f"{cap1(f.ans)} comes after {f.subj}.",
+                     lambda f: f"{cap1(f.subj)} comes before {f.ans}."],
+    "add": [lambda f: f"{f.ans} is {f.extra['a']} plus {f.extra['b']}.",
+            lambda f: f"{f.ans} is the sum of {f.extra['a']} and {f.extra['b']}."],
+    "sub": [lambda f: f"{f.ans} is {f.extra['a']} minus {f.extra['b']}.",
+            lambda f: f"{f.extra['a']} is {f.extra['b']} more than {f.ans}."],
 }
 
 
@@ -374,6 +484,18 @@ def chat_answer(f):
         return f"A baby {f.subj} is called {f.ans}."
     if f.family == "opposite":
         return f"The opposite of {f.subj} is {f.ans}."
+    if f.family == "legs":
+        return f"{cap1(art(f.subj))} {f.subj} has {f.ans} legs."
+    if f.family == "day_after":
+        return f"The day after {f.subj} is {f.ans}."
+    if f.family == "month_after":
+        return f"The month after {f.subj} is {f.ans}."
+    if f.family == "number_after":
+        return f"The number after {f.subj} is {f.ans}."
+    if f.family == "add":
+        return f"{f.extra['a']} plus {f.extra['b']} is {f.ans}."
+    if f.family == "sub":
+        return f"{f.extra['a']} minus {f.extra['b']} is {f.ans}."
     raise ValueError(f.family)
 
 
@@ -412,7 +534,63 @@ CHAT_QUESTIONS = {
         lambda f: f"Give me the opposite of {f.subj}.",
         lambda f: f"Which word is the opposite of {f.subj}?",
     ],
+    "legs": [
+        lambda f: f"How many legs does {art(f.subj)} {f.subj} have?",
+        lambda f: f"How many legs has {art(f.subj)} {f.subj} got?",
+        lambda f: f"Count the legs of {art(f.subj)} {f.subj}.",
+    ],
+    "day_after": [
+        lambda f: f"What day comes after {f.subj}?",
+        lambda f: f"Which day is after {f.subj}?",
+        lambda f: f"What is the day after {f.subj}?",
+    ],
+    "month_after": [
+        lambda f: f"What month comes after {f.subj}?",
+        lambda f: f"Which month is after {f.subj}?",
+        lambda f: f"What is the month after {f.subj}?",
+    ],
+    "number_after": [
+        lambda f: f"What number comes after {f.subj}?",
+        lambda f: f"Which number is after {f.subj}?",
+        lambda f: f"What comes after {f.subj}?",
+    ],
+    "add": [
+        lambda f: f"What is {f.extra['a']} plus {f.extra['b']}?",
+        lambda f: f"What is {f.extra['a']} + {f.extra['b']}?",
+        lambda f: f"Can you add {f.extra['a']} and {f.extra['b']}?",
+    ],
+    "sub": [
+        lambda f: f"What is {f.extra['a']} minus {f.extra['b']}?",
+        lambda f: f"What is {f.extra['a']} - {f.extra['b']}?",
+        lambda f: f"Can you take {f.extra['b']} from {f.extra['a']}?",
+    ],
 }
+
+# Follow-up questions that only make sense with the earlier turns.
+# Same relation, new subject ("And of France?"): x is the new subject phrase.
+FOLLOWUP_SAME = {
+    "capital": ["And of {x}?", "What about {x}?", "And {x}?", "How about {x}?"],
+    "continent": ["And {x}?", "What about {x}?", "How about {x}?"],
+    "opposite": ["And of {x}?", "What about {x}?", "And {x}?"],
+    "add": ["And {x}?", "What about {x}?"],
+    "sub": ["And {x}?", "What about {x}?"],
+}
+DEFAULT_FOLLOWUP_SAME = ["What about {x}?", "And {x}?", "How about {x}?"]
+# Same subject, another relation ("What about its continent?").
+FOLLOWUP_OTHER = {
+    "capital": ["What about its capital?", "And its capital?", "What is its capital?"],
+    "continent": ["What about its continent?", "And its continent?", "Which continent is it in?"],
+    "sound": ["What sound does it make?", "And what does it say?", "What about its sound?"],
+    "baby": ["What is its baby called?", "And its baby?", "What about its baby?"],
+    "legs": ["How many legs does it have?", "And its legs?", "What about its legs?"],
+}
+# Related families that share subjects (a country, an animal).
+RELATED = {"capital": ["continent"], "continent": ["capital"], "sound": ["baby", "legs"],
+           "baby": ["sound", "legs"], "legs": ["sound", "baby"]}
+FOLLOWUP_JSON = ["Say that again in JSON.", "Now as JSON.", "Can you give that as JSON?",
+                 "In JSON, please.", "Write that as JSON."]
+FOLLOWUP_AGAIN = ["Say that again.", "Can you repeat that?", "Please say it again."]
+FOLLOWUP_SHORT = ["Just the answer, please.", "In one word?", "Say it in one word."]
 
 
 def json_noun_phrase(f):
@@ -423,6 +601,7 @@ def json_noun_phrase(f):
         "color": lambda: f"the color of {art(f.subj)} {f.subj}",
         "baby": lambda: f"the name of a baby {f.subj}",
         "opposite": lambda: f"the opposite of {f.subj}",
+        "legs": lambda: f"the number of legs of {art(f.subj)} {f.subj}",
     }[f.family]()
 
 
@@ -436,13 +615,15 @@ JSON_QUESTIONS = [
 JSON_KEYS = {
     "capital": ("country", "capital"), "continent": ("country", "continent"),
     "sound": ("animal", "sound"), "color": ("food", "color"),
-    "baby": ("animal", "baby"), "opposite": ("word", "opposite"),
+    "baby": ("animal", "baby"), "opposite": ("word", "opposite"), "legs": ("animal", "legs"),
 }
 
 
 def json_object(f):
     k1, k2 = JSON_KEYS[f.family]
     ans = f.ans.split(" ", 1)[1] if f.family == "baby" else f.ans
+    if f.family == "legs":
+        ans = NUMBER_WORDS.index(f.ans)  # a JSON number: {"animal": "dog", "legs": 4}
     return {k1: f.subj, k2: ans}
 
 
@@ -451,12 +632,38 @@ def json_text(f):
 
 
 def json_allowed(f):
-    return not f.extra.get("json_heldout", False)
+    return f.family in JSON_KEYS and not f.extra.get("json_heldout", False)
+
+
+def subject_phrase(f):
+    """How a follow-up names a fact's subject ("France", "a cow", "cold", "4 plus 5")."""
+    if f.family in ("capital", "continent"):
+        return _the(f)
+    if f.family in ("sound", "color", "baby", "legs"):
+        return f"{art(f.subj)} {f.subj}"
+    if f.family == "add":
+        return f"{f.extra['a']} plus {f.extra['b']}"
+    if f.family == "sub":
+        return f"{f.extra['a']} minus {f.extra['b']}"
+    return f.subj
+
+
+def short_answer(f):
+    return end_sentence(cap1(f.ans.split(" ", 1)[1] if f.family == "baby" else f.ans))
 
 
 def heldout_index(f, n_templates):
     """The one non-anchor template index this fact never sees in training."""
     return 1 + (f.holdout_slot % (n_templates - 1))
+
+
+def train_phrasings(phrasings, f):
+    """The phrasings training may use with fact ``f``: all but its held-out one
+    (a list of one phrasing, the anchor, is always trained)."""
+    if len(phrasings) < 2:
+        return list(phrasings)
+    h = heldout_index(f, len(phrasings))
+    return [q for i, q in enumerate(phrasings) if i != h]
 
 
 SYSTEM_PROMPTS = [
@@ -473,11 +680,13 @@ SMALL_TALK = [
     (["Thank you!", "Thanks.", "thanks a lot"], "You are welcome!"),
     (["Goodbye!", "Bye."], "Goodbye! Have a nice day."),
     (["What can you do?", "How can you help me?"],
-     "I can answer simple questions about countries, animals, colors and words, and I can tell short stories."),
+     "I can answer simple questions about countries, animals, colors, numbers, days and words, and I can tell short stories."),
     (["How are you?", "How are you today?"], "I am fine, thank you! How can I help you?"),
 ]
 STORY_REQUESTS = ["Tell me a story.", "Can you tell me a short story?", "Write a short story.",
-                  "Tell me a story about {x}."]
+                  "Tell me a story about {x}.", "Tell me a short story about {x}."]
+HERO_REQUESTS = ["Tell me a story about {x}.", "Write a short story about {x}.",
+                 "Can you tell me a story about {x}?"]
 
 
 # ---------------------------------------------------------------------------
@@ -567,10 +776,13 @@ def fix_articles(s):
     return s
 
 
-def story(rng, topic_pet=None):
+def story(rng, topic_pet=None, hero=None):
     """A short story following one of four simple plots, with optional lines
-    dropped and words varied, so that the order of events makes sense."""
+    dropped and words varied, so that the order of events makes sense.
+    ``hero`` names the main character (a name from GIRLS or BOYS)."""
     name, he, his = person(rng)
+    if hero is not None:
+        name, he, his = (hero, "she", "her") if hero in GIRLS else (hero, "he", "his")
     him = "him" if he == "he" else "her"
     friend, fhe, _ = person(rng)
     while friend == name:
@@ -652,11 +864,93 @@ def story(rng, topic_pet=None):
 # ---------------------------------------------------------------------------
 # Document generators (training stream and held-out sets)
 # ---------------------------------------------------------------------------
+FAMILY_WEIGHTS = {"capital": 30, "continent": 13, "sound": 6, "color": 6, "baby": 5, "opposite": 9,
+                  "legs": 5, "day_after": 3, "month_after": 3, "number_after": 4, "add": 10, "sub": 6}
+
+
+def tell_me_about(world, rng):
+    """A "Tell me about X." request and its answer, for a country, a capital or an animal."""
+    r = rng.random()
+    if r < 0.6:
+        c = rng.choice(world.facts["capital"])
+        cont = world.continent_of.get(c.subj)
+        where = f"{cap1(_the(c))} is in {cont}." if cont else f"{cap1(_the(c))} is a country."
+        if r < 0.35:
+            return f"Tell me about {_the(c)}.", f"{where} Its capital is {c.ans}."
+        tail = f" {cap1(_the(c))} is in {cont}." if cont else ""
+        return f"Tell me about {c.ans}.", f"{c.ans} is the capital of {_the(c)}.{tail}"
+    a = rng.choice(sorted(world.animals))
+    parts = [chat_answer(f) for f in world.animals[a]]
+    return f"Tell me about the {a}.", " ".join(parts)
+
+
+def favourite_answer(rng):
+    kind = rng.choice(["colour", "animal", "food"])
+    opts = AMBIGUOUS[kind][1]
+    q = {"colour": rng.choice(["What is your favourite colour?", "What is your favorite color?"]),
+         "animal": "What is your favourite animal?", "food": "What do you want for lunch?"}[kind]
+    x = rng.choice(opts)
+    a = {"colour": f"My favourite colour is {x}.", "animal": f"My favourite animal is the {x}.",
+         "food": f"I would like {x}."}[kind]
+    return q, a
+
+
+def counting_text(rng, chat=False):
+    """A counting run in words or digits ("three, four, five")."""
+    lo = rng.randint(0, 8) if rng.random() < 0.5 else 1
+    hi = min(20, lo + rng.randint(2, 8))
+    words = rng.random() < 0.7
+    seq = [NUMBER_WORDS[i] if words else str(i) for i in range(lo, hi + 1)]
+    run = ", ".join(seq)
+    upto = NUMBER_WORDS[hi] if words else str(hi)
+    start = NUMBER_WORDS[lo] if words else str(lo)
+    if chat:
+        q = f"Count to {upto}." if lo == 1 else f"Count from {start} to {upto}."
+        return q, end_sentence(cap1(run))
+    return rng.choice([f"Let's count: {run}.", f"Count with me: {run}.", f"{cap1(run)}."])
+
+
+def time_sentence(rng):
+    i = rng.randrange(7)
+    m = rng.randrange(12)
+    return rng.choice([
+        f"The days of the week are {', '.join(WEEK[:-1])} and {WEEK[-1]}.",
+        f"The seasons are {', '.join(SEASONS[:-1])} and {SEASONS[-1]}.",
+        f"{cap1(SEASONS[(i % 4 + 1) % 4])} comes after {SEASONS[i % 4]}.",
+        f"Yesterday was {WEEK[i]}, so today is {WEEK[(i + 1) % 7]}.",
+        f"On {WEEK[i]} morning, we go to the {rng.choice(PLACES)}.",
+        f"In {MONTHS[m]}, {rng.choice(NAMES_ALL)} has a birthday.",
+        f"The {rng.choice(['morning', 'afternoon', 'evening', 'night'])} is {rng.choice(['quiet', 'cold', 'warm', 'long', 'bright', 'dark'])}.",
+        "A week has seven days.", "A year has twelve months.", "A day has twenty-four hours.",
+        "An hour has sixty minutes.", "The sun rises in the morning and sets in the evening.",
+        f"First comes {WEEK[i]}, then {WEEK[(i + 1) % 7]}, then {WEEK[(i + 2) % 7]}.",
+    ])
+
+
+def ambiguous_sentence(rng):
+    kind = rng.choice(sorted(AMBIGUOUS))
+    stems, opts = AMBIGUOUS[kind]
+    return f"{rng.choice(stems)} {rng.choice(opts)}."
+
+
+NAMES_ALL = GIRLS + BOYS
+
+
 class World:
     def __init__(self):
         self.facts = build_facts()
         self.all_facts = [f for fs in self.facts.values() for f in fs]
         self.countries = COUNTRIES
+        self.continent_of = {f.subj: f.ans for f in self.facts["continent"]}
+        # facts about the same subject in related families (capital <-> continent, animal facts)
+        self.by_subject = {}
+        for fam in RELATED:
+            for f in self.facts[fam]:
+                self.by_subject[(fam, f.subj)] = f
+        self.animals = {}
+        for fam in ("sound", "baby", "legs"):
+            for f in self.facts[fam]:
+                self.animals.setdefault(f.subj, []).append(f)
 
     # -- which (fact, template) pairs training may use --------------------
     def train_completion_templates(self, f):
@@ -673,81 +967,150 @@ class World:
         h = heldout_index(f, len(JSON_QUESTIONS))
         return [q for i, q in enumerate(JSON_QUESTIONS) if i != h]
 
-    def random_fact(self, rng):
-        # capitals are the star: about 40% of fact mentions
-        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+    def random_fact(self, rng, families=None):
+        fams = families or list(FAMILY_WEIGHTS)
+        fam = rng.choices(fams, weights=[FAMILY_WEIGHTS[f] for f in fams])[0]
         return rng.choice(self.facts[fam])
 
     def fact_sentence(self, rng, f, heldout=False):
+        suffix = ANSWER_SUFFIX.get(f.family, "")
         if heldout:
             ts = COMPLETION_TEMPLATES[f.family]
             t = ts[heldout_index(f, len(ts))]
-        elif rng.random() < 0.2:
-            return rng.choice(REVERSE_TEMPLATES[f.family])(f)
         else:
+            r = rng.random()
+            if r < 0.15:
+                return rng.choice(REVERSE_TEMPLATES[f.family])(f)
+            if r < 0.27 and f.family in QUOTED_TEMPLATES:
+                return rng.choice(QUOTED_TEMPLATES[f.family])(f)
             t = rng.choice(self.train_completion_templates(f))
-        return end_sentence(f"{t(f)} {f.ans}")
+        return end_sentence(f"{t(f)} {f.ans}{suffix}")
 
     # -- document kinds -----------------------------------------------------
     def doc_facts(self, rng, heldout=False):
         n = rng.choice([1, 1, 2, 3, 4])
-        if rng.random() < 0.3:  # a paragraph about one country
-            c = rng.choice(self.facts["capital"])
-            sents = [self.fact_sentence(rng, c, heldout)]
-            cont = [f for f in self.facts["continent"] if f.subj == c.subj]
-            if cont:
-                sents.append(self.fact_sentence(rng, cont[0], heldout))
+        if rng.random() < 0.3:  # a paragraph about one country or one animal
+            if rng.random() < 0.75:
+                c = rng.choice(self.facts["capital"])
+                group = [c] + ([self.by_subject[("continent", c.subj)]]
+                               if ("continent", c.subj) in self.by_subject else [])
+            else:
+                group = self.animals[rng.choice(sorted(self.animals))]
+            sents = [self.fact_sentence(rng, f, heldout) for f in group]
             rng.shuffle(sents)
             return " ".join(sents)
         sep = rng.choice([" ", "\n"])
         return sep.join(self.fact_sentence(rng, self.random_fact(rng), heldout) for _ in range(n))
 
     def doc_json(self, rng):
-        fam = rng.choices(list(self.facts), weights=[40, 20, 8, 10, 8, 14])[0]
+        fams = [f for f in FAMILY_WEIGHTS if f in JSON_KEYS]
+        fam = rng.choices(fams, weights=[FAMILY_WEIGHTS[f] for f in fams])[0]
         pool = [f for f in self.facts[fam] if json_allowed(f)]
         return "\n".join(json_text(rng.choice(pool)) for _ in range(rng.randint(1, 4)))
 
-    def chat_turn(self, rng, json_mode=False, heldout=False):
-        """One (user, assistant) pair."""
+    def fact_turn(self, rng, json_mode=False, want_json=False):
+        """A fact question and its answer (a sentence, or JSON when asked)."""
+        if json_mode or want_json:
+            f = self.random_fact(rng, [k for k in FAMILY_WEIGHTS if k in JSON_KEYS])
+            while not json_allowed(f):
+                f = self.random_fact(rng, [k for k in FAMILY_WEIGHTS if k in JSON_KEYS])
+            if json_mode:
+                return f, rng.choice(self.train_chat_questions(f))(f), json_text(f)
+            return f, rng.choice(self.train_json_questions(f))(json_noun_phrase(f)), json_text(f)
+        f = self.random_fact(rng)
+        return f, rng.choice(self.train_chat_questions(f))(f), chat_answer(f)
+
+    def followup_turn(self, rng, prev, json_mode=False):
+        """A follow-up that refers to the previous fact, or None if none fits."""
+        kinds = ["same", "same", "other", "other", "json", "again", "short"]
+        if json_mode:
+            kinds = ["same", "same", "other"]
+        kind = rng.choice(kinds)
+        if kind == "other" and prev.family in RELATED:
+            fam = rng.choice(RELATED[prev.family])
+            g = self.by_subject.get((fam, prev.subj))
+            if g is not None and (not json_mode or json_allowed(g)):
+                q = rng.choice(train_phrasings(FOLLOWUP_OTHER[fam], g))
+                return g, q, json_text(g) if json_mode else chat_answer(g)
+            kind = "same"
+        if kind == "other":
+            kind = "same"
+        if kind == "same":
+            g = rng.choice(self.facts[prev.family])
+            while g is prev or (json_mode and not json_allowed(g)):
+                g = rng.choice(self.facts[prev.family])
+            qs = FOLLOWUP_SAME.get(prev.family, DEFAULT_FOLLOWUP_SAME)
+            q = rng.choice(train_phrasings(qs, g)).format(x=subject_phrase(g))
+            return g, q, json_text(g) if json_mode else chat_answer(g)
+        if kind == "json":
+            if not json_allowed(prev):
+                return None
+            return prev, rng.choice(train_phrasings(FOLLOWUP_JSON, prev)), json_text(prev)
+        if kind == "again":
+            return prev, rng.choice(FOLLOWUP_AGAIN), chat_answer(prev)
+        return prev, rng.choice(FOLLOWUP_SHORT), short_answer(prev)
+
+    def other_turn(self, rng):
+        """Small talk, stories, counting, favourites, "Tell me about"."""
         r = rng.random()
-        if not heldout and not json_mode and r < 0.10:
+        if r < 0.22:
             qs, a = rng.choice(SMALL_TALK)
             return rng.choice(qs), a
-        if not heldout and not json_mode and r < 0.16:
+        if r < 0.50:
+            if rng.random() < 0.4:
+                hero = rng.choice(NAMES_ALL)
+                return rng.choice(HERO_REQUESTS).format(x=hero), story(rng, hero=hero)
             pet = rng.choice(PETS)
             req = rng.choice(STORY_REQUESTS)
             if "{x}" in req:
                 return req.replace("{x}", f"{art(pet)} {pet}"), story(rng, topic_pet=pet)
             return req, story(rng)
-        f = self.random_fact(rng)
-        while (json_mode or r < 0.35) and not json_allowed(f):
-            f = self.random_fact(rng)
-        if json_mode:
-            q = rng.choice(self.train_chat_questions(f))(f)
-            return q, json_text(f)
-        if r < 0.35:  # explicit JSON request
-            q = rng.choice(self.train_json_questions(f))(json_noun_phrase(f))
-            return q, json_text(f)
-        return rng.choice(self.train_chat_questions(f))(f), chat_answer(f)
+        if r < 0.65:
+            return counting_text(rng, chat=True)
+        if r < 0.78:
+            return favourite_answer(rng)
+        return tell_me_about(self, rng)
 
     def doc_chat(self, rng):
         msgs = []
-        json_mode = rng.random() < 0.08
+        json_mode = rng.random() < 0.06
         if json_mode:
             msgs.append({"role": "system", "content": rng.choice(JSON_SYSTEM_PROMPTS)})
-        elif rng.random() < 0.35:
+        elif rng.random() < 0.3:
             msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
-            u, a = self.chat_turn(rng, json_mode=json_mode)
+        prev = None
+        for _ in range(rng.choice([1, 2, 2, 3, 3, 4])):
+            turn = None
+            r = rng.random()
+            if prev is not None and r < 0.6:
+                turn = self.followup_turn(rng, prev, json_mode)
+            if turn is None and not json_mode and r > 0.8:
+                u, a = self.other_turn(rng)
+                prev = None
+            else:
+                if turn is None:
+                    turn = self.fact_turn(rng, json_mode=json_mode, want_json=rng.random() < 0.2)
+                prev, u, a = turn
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         return render_chat(msgs)
 
     def doc_sentences(self, rng):
-        return " ".join(simple_sentence(rng, self.countries) for _ in range(rng.randint(2, 6)))
+        out = []
+        for _ in range(rng.randint(2, 6)):
+            r = rng.random()
+            if r < 0.12:
+                out.append(counting_text(rng))
+            elif r < 0.24:
+                out.append(time_sentence(rng))
+            elif r < 0.40:
+                out.append(ambiguous_sentence(rng))
+            else:
+                out.append(simple_sentence(rng, self.countries))
+        return " ".join(out)
 
     def doc(self, rng):
         kind = rng.choices(["facts", "chat", "json", "story", "sentences"],
-                           weights=[34, 38, 10, 9, 9])[0]
+                           weights=[30, 42, 6, 9, 13])[0]
         return getattr(self, "doc_" + kind)(rng) if kind != "story" else story(rng)
 
 
@@ -780,6 +1143,8 @@ def heldout_prompts(world):
             msgs.insert(0, {"role": "system", "content": sys_rng.choice(SYSTEM_PROMPTS)})
         chats.append({"family": f.family, "messages": msgs, "answer": chat_answer(f)})
     for f in world.all_facts:
+        if f.family not in JSON_KEYS:
+            continue
         if json_allowed(f):
             q = JSON_QUESTIONS[heldout_index(f, len(JSON_QUESTIONS))](json_noun_phrase(f))
             kind = "held-out JSON phrasing"
@@ -796,7 +1161,55 @@ def heldout_prompts(world):
                                     "prompt": f'{{"{k1}": "{f.subj}", "{k2}": "',
                                     "expected": json_object(f), "kind": "fact never seen as JSON"})
     return {"facts": facts, "anchors": anchors, "chat": chats, "json_chat": jsons,
-            "json_completion": json_completion}
+            "json_completion": json_completion, "followup": followup_chains(world)}
+
+
+def followup_chains(world):
+    """Multi-turn conversations whose later questions only make sense with the
+    earlier turns. Each chain is a list of (user message, expected reply, kind).
+    "held-out" chains use, for every turn, the phrasing that fact never sees in
+    training; "anchor" chains use the trained phrasings the README shows.
+    The exchange (previous reply, follow-up) is checked against the corpus."""
+    rng = random.Random(11)
+    chains = []
+    caps = world.facts["capital"]
+    for i in range(90):
+        style = "anchor" if i % 3 == 0 else "held-out"
+        c1 = caps[(i * 7) % len(caps)]
+        c2 = rng.choice([c for c in caps if c is not c1 and ("continent", c.subj) in world.by_subject])
+        cont2 = world.by_subject[("continent", c2.subj)]
+        pick = (lambda qs, f: qs[0]) if style == "anchor" else (lambda qs, f: qs[heldout_index(f, len(qs))])
+        q1 = pick(CHAT_QUESTIONS["capital"], c1)(c1)
+        chains.append({"style": style, "turns": [
+            (q1, chat_answer(c1), "first question"),
+            (pick(FOLLOWUP_SAME["capital"], c2).format(x=subject_phrase(c2)), chat_answer(c2), "same relation, new subject"),
+            (pick(FOLLOWUP_OTHER["continent"], cont2), chat_answer(cont2), "same subject, other relation"),
+            (pick(FOLLOWUP_JSON, cont2), json_text(cont2), "say it again in JSON"),
+        ]})
+    animals = sorted(a for a, fs in world.animals.items() if len(fs) == 3)
+    for i in range(30):
+        style = "anchor" if i % 3 == 0 else "held-out"
+        pick = (lambda qs, f: qs[0]) if style == "anchor" else (lambda qs, f: qs[heldout_index(f, len(qs))])
+        a1, a2 = rng.sample(animals, 2)
+        s1 = world.by_subject[("sound", a1)]
+        s2 = world.by_subject[("sound", a2)]
+        b2 = world.by_subject[("baby", a2)]
+        l2 = world.by_subject[("legs", a2)]
+        chains.append({"style": style, "turns": [
+            (pick(CHAT_QUESTIONS["sound"], s1)(s1), chat_answer(s1), "first question"),
+            (pick(DEFAULT_FOLLOWUP_SAME, s2).format(x=subject_phrase(s2)), chat_answer(s2), "same relation, new subject"),
+            (pick(FOLLOWUP_OTHER["baby"], b2), chat_answer(b2), "same subject, other relation"),
+            (pick(FOLLOWUP_OTHER["legs"], l2), chat_answer(l2), "same subject, other relation"),
+        ]})
+    adds = world.facts["add"]
+    for i in range(30):
+        f1, f2 = rng.sample(adds, 2)
+        chains.append({"style": "anchor", "turns": [
+            (CHAT_QUESTIONS["add"][0](f1), chat_answer(f1), "first question"),
+            (FOLLOWUP_SAME["add"][0].format(x=subject_phrase(f2)), chat_answer(f2), "same relation, new subject"),
+            (FOLLOWUP_SHORT[0], short_answer(f2), "short answer"),
+        ]})
+    return chains
 
 
 def heldout_text_docs(world, n, seed, train_set):
@@ -940,7 +1353,7 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
 
     total = steps
     budget_s = None if steps else minutes * 60.0
-    calib_steps = 50
+    calib_steps, recalib_steps = 50, 250
     t_calib = t0 = time.time()
     t0 = time.time()
     tokens_seen = 0
@@ -963,9 +1376,12 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
         ema = loss_v if ema is None else 0.95 * ema + 0.05 * loss_v
         if total is None and step == 5:
             t_calib = time.time()  # after compilation and warm-up
-        if total is None and step == calib_steps:
-            per_step = (time.time() - t_calib) / (calib_steps - 5)
-            total = calib_steps + int((budget_s - (time.time() - t0)) / per_step)
+        if budget_s is not None and step in (calib_steps, recalib_steps):
+            # the speed of a shared CPU drifts: measure twice, the second time over a longer window
+            since, t_since = (5, t_calib) if step == calib_steps else (calib_steps, t_recalib)
+            per_step = (time.time() - t_since) / (step - since)
+            total = step + int((budget_s - (time.time() - t0)) / per_step)
+            t_recalib = time.time()
             log(f"budget {minutes:.1f} min at {per_step:.3f} s/step -> --steps {total}")
         if step % 25 == 0 or step == 1 or step == total:
             now = time.time()
@@ -1118,6 +1534,13 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     res["heldout_prompt_leaks"] = len(fact_leaks) + len(chat_leaks) + len(jc_leaks)
     if res["heldout_prompt_leaks"]:
         log("WARNING leaked held-out prompts:", (fact_leaks + chat_leaks + jc_leaks)[:10])
+    # follow-ups: the exchange "previous reply, follow-up question" of a held-out
+    # chain must be new to the corpus (anchor chains are trained phrasings)
+    fu_strings = [f"{prev[1]}{IM_END}\n{IM_START}user\n{cur[0]}{IM_END}"
+                  for c in P["followup"] if c["style"] == "held-out"
+                  for prev, cur in zip(c["turns"], c["turns"][1:])]
+    res["followup_exchanges_checked"] = len(fu_strings)
+    res["followup_exchange_leaks"] = len(leaks(fu_strings))
 
     # facts: greedy continuation must start with " <answer>" and end the word there
     def fact_eval(items):
@@ -1228,16 +1651,71 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     log(f"held-out perplexity {res['heldout_ppl']:.3f} over {res['heldout_tokens']:,} tokens "
         f"{res['heldout_ppl_by_kind']} ({time.time() - t:.0f}s)")
 
+    # multi-turn: run each chain with the model's own replies in the history (as
+    # nbllm.Chat does) and score every turn's reply exactly
+    t = time.time()
+    fu = {}
+    fu_wrong = []
+    transcripts = []
+    for chain in P["followup"]:
+        msgs = []
+        for q, want, kind in chain["turns"]:
+            msgs.append({"role": "user", "content": q})
+            prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids, stopped = generate_greedy(model, tokenizer, enc(prompt), 60, {im_end, eot})
+            reply = hf.decode(ids)
+            msgs.append({"role": "assistant", "content": reply})
+            ok = stopped and reply == want
+            for key in (f"{chain['style']}: {kind}", f"all: {kind}"):
+                k = fu.setdefault(key, [0, 0])
+                k[0] += ok
+                k[1] += 1
+            if not ok and kind != "first question":
+                fu_wrong.append((q, want, reply))
+        if len(transcripts) < 4 or (chain["style"] == "anchor" and len(transcripts) < 6):
+            transcripts.append(msgs)
+    later = [v for k, v in fu.items() if k.startswith("all: ") and k != "all: first question"]
+    res["followup"] = {
+        "accuracy": round(sum(v[0] for v in later) / sum(v[1] for v in later), 4),
+        "correct": sum(v[0] for v in later), "total": sum(v[1] for v in later),
+        "by_kind": {k: f"{v[0]}/{v[1]}" for k, v in sorted(fu.items())},
+        "chains": len(P["followup"]), "examples_wrong": fu_wrong[:8], "transcripts": transcripts[:6],
+    }
+    log(f"follow-ups {res['followup']['accuracy']:.3f} {res['followup']['by_kind']} ({time.time() - t:.0f}s)")
+
+    # deliberate ambiguity: how spread out the next-token distribution is
+    amb = []
+    for kind, (stems, opts) in AMBIGUOUS.items():
+        for stem in stems[:2]:
+            logits = model(mx.array(enc(stem))[None])[0, -1].astype(mx.float32)
+            probs = np.array(mx.softmax(logits).tolist())
+            ent = float(-(probs * np.log2(np.clip(probs, 1e-12, 1))).sum())
+            opt_ids = [enc(" " + o)[0] for o in opts]
+            top = np.argsort(-probs)[:6]
+            amb.append({"prompt": stem, "entropy_bits": round(ent, 3),
+                        "uniform_bits": round(math.log2(len(opts)), 3),
+                        "p_options": round(float(probs[list(set(opt_ids))].sum()), 4),
+                        "top": [(hf.decode([int(i)]), round(float(probs[i]), 3)) for i in top]})
+    res["ambiguity"] = amb
+    log("ambiguity: " + "; ".join(f"{a['prompt']!r} H={a['entropy_bits']} bits" for a in amb))
+
     # samples for the card
     samples = {}
     for prompt in ["The capital of France is", "Once upon a time", "Mia likes to",
-                   '{"country": "Japan", "capital": "']:
+                   '{"country": "Japan", "capital": "', "3 + 4 =", "one, two, three, four,",
+                   "The day after Monday is", "My favourite colour is"]:
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 48, {eot})
         samples[prompt] = hf.decode(ids)
     for msgs in ([{"role": "user", "content": "What is the capital of France?"}],
                  [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Give the capital of Japan as JSON."}],
-                 [{"role": "user", "content": "Tell me a story."}]):
+                 [{"role": "user", "content": "Tell me a story."}],
+                 [{"role": "user", "content": "Tell me a short story about a cat."}],
+                 [{"role": "user", "content": "Tell me a story about Mia."}],
+                 [{"role": "user", "content": "Tell me about Paris."}],
+                 [{"role": "user", "content": "What is 7 minus 3?"}],
+                 [{"role": "user", "content": "How many legs does a spider have?"}],
+                 [{"role": "user", "content": "Count to five."}]):
         prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 80, {im_end, eot})
         samples["chat: " + msgs[-1]["content"]] = hf.decode(ids)
@@ -1252,24 +1730,47 @@ def folder_size_bytes(folder):
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
+# The version-1 model's card figures (nbllm 0.1.0, 2.4M parameters, 34 min), the baseline to beat.
+V1_BASELINE = {
+    "facts_heldout": "93.8% (435/464)", "facts_trained": "100.0% (464/464)", "ppl": "2.06",
+    "chat": "98.9% (459/464)", "json_chat": "99.8% valid, 92.0% right (464)",
+    "json_never_seen": "64/64 valid, 30/64 right", "json_completion": "98.4% valid, 48.4% right (64)",
+    "p_paris": "0.9944", "followup": "not trained (\"And of France?\" -> \"A baby bear is called a cub.\")",
+}
+
+
 def write_card(out, report):
     cfg, tr, ev = report["config"], report["training"], report["eval"]
     n_facts = report["n_facts"]
     fh, ft = ev["facts_heldout"], ev["facts_trained_template"]
     ch, jc, jp = ev["chat_heldout"], ev["json_chat_heldout"], ev["json_completion_heldout"]
+    fu = ev["followup"]
+    never = jc["by_kind"].get("fact never seen as JSON", {"valid": 0, "correct": 0, "total": 0})
+    heldj = jc["by_kind"].get("held-out JSON phrasing", {"valid": 0, "correct": 0, "total": 0})
     size_mb = report["folder_bytes"] / 1e6
+    b = V1_BASELINE
     samples = "\n".join(f"- `{k!r}` → `{v!r}`" for k, v in ev["samples"].items())
     fam_rows = "\n".join(f"| {k} | {n_facts[k]} | {fh['per_family'][k]} | {ft['per_family'][k]} |"
                          for k in n_facts)
-    card = f"""# nbllm default model ("nbllm-tiny-world")
+    fu_rows = "\n".join(f"| {k} | {v} |" for k, v in fu["by_kind"].items())
+    amb_rows = "\n".join(
+        f"| `{a['prompt']}` | {a['entropy_bits']:.2f} (uniform: {a['uniform_bits']:.2f}) | {a['p_options']:.2f} | "
+        + ", ".join(f"`{t!r}` {p:.2f}" for t, p in a["top"][:5]) + " |" for a in ev["ambiguity"])
+    transcripts = []
+    for msgs in fu["transcripts"][:3]:
+        transcripts.append("\n".join(f"  - {m['role']}: `{m['content']}`" for m in msgs))
+    transcripts = "\n- conversation:\n".join([""] + transcripts).lstrip("\n")
+    card = f"""# nbllm default model, version 2 ("nbllm-tiny-world")
 
-A tiny decoder-only language model trained from scratch, in about
-{tr['train_seconds'] / 60:.0f} minutes on a 2-core CPU, by
-`scripts/train_default_model.py`. It ships inside the nbllm package so the
-teaching notebooks run offline in seconds. **It is for teaching only**: it knows
-a small synthetic world (country capitals and continents, animal sounds, food
-colors, baby animals, opposite words, simple sentences and short stories), and
-nothing else. Outside that world it produces fluent-looking nonsense.
+A tiny decoder-only language model trained from scratch, in {tr['train_seconds'] / 60:.0f} minutes on a
+2-core CPU, by `scripts/train_default_model.py`. It ships inside the nbllm package so the
+teaching notebooks run offline in seconds. **It is for teaching only**: it knows a small
+synthetic world (country capitals and continents; animal sounds, babies and legs; food
+colours; opposite words; days, months and numbers in order; one-digit addition and
+subtraction; counting; everyday sentences and short stories with named characters; a few
+deliberately open prompts such as "My favourite colour is") and nothing else. Outside that
+world it produces fluent-looking nonsense. It holds a short conversation: follow-ups such as
+"And of France?", "What about its continent?" and "Say that again in JSON." use the earlier turns.
 
 ## Architecture
 
@@ -1295,17 +1796,18 @@ nothing else. Outside that world it produces fluent-looking nonsense.
 - Command (measured run):
   `{report['command']}`
 - Seed {cfg['seed']}; {tr['steps']:,} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens
-  = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.1f} passes over the corpus).
+  = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.2f} passes over the corpus).
+  The step count came from a {report.get('minutes_budget', cfg['default_minutes']):g}-minute budget and the speed measured over the first 50 steps.
 - AdamW (betas {tuple(cfg['adam_betas'])}, weight decay {cfg['weight_decay']}), peak learning rate
   {cfg['peak_lr']:g}, {cfg['warmup_steps']} linear warm-up steps, cosine decay to
   {cfg['min_lr_ratio']:g}x peak; gradient clipping at {cfg['grad_clip']}.
 - Rows of {cfg['seq_len']}+1 tokens packed from whole documents separated by
   `<|endoftext|>`; each row starts at a document start. Loss on every token.
-- Training time: {tr['train_seconds'] / 60:.1f} minutes of wall time ({tr['train_seconds']:.0f} s) for the
-  training loop, on {report['machine']}, under `nice -n 5` with other work sharing the CPU,
-  float32 matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s
-  (on an idle 2-core machine this configuration runs at roughly 3,000-3,500 tokens/s, so the
-  same run would take about a third of the time). Final training loss (EMA): {tr['final_loss_ema']}.
+- Training time: **{tr['train_seconds'] / 60:.1f} minutes** of wall time ({tr['train_seconds']:.0f} s) for the
+  training loop, on {report['machine']}, under `nice -n 5` while another job ran CPU benchmarks on the
+  same two cores (load average {report.get('load_before', '?')} before, {report.get('load_after', '?')} after); float32
+  matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s. Final training loss (EMA):
+  {tr['final_loss_ema']}.
 - Library versions: {report['versions']}.
 
 ## Corpus
@@ -1318,50 +1820,78 @@ are left out; countries on two continents have no continent fact); the templates
 stories and generated text are part of nbllm and under its MIT license.
 
 - {cfg['corpus_docs']:,} documents, {report['corpus_chars']:,} characters, {report['corpus_tokens']:,} tokens.
-- Mix (by document): fact sentences 34%, chat conversations 38%, JSON lines 10%,
-  short stories 9%, everyday sentences 9%.
-- Facts: {sum(n_facts.values())} in six families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
-- Chats follow the chat template, with a system message in about 40% of them
-  (including a "reply with JSON" system mode), 1-3 turns, small talk and story requests.
+- Mix (by document): fact sentences 30%, chat conversations 42%, JSON lines 6%,
+  short stories 9%, everyday sentences 13% (with counting, days/months/seasons and the open prompts).
+- Facts: {sum(n_facts.values())} in {len(n_facts)} families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
+- Fact sentences: several phrasings per fact, answer-first sentences, and sentences that quote the
+  answer (`People in Japan call their capital "Tokyo".`), because inside JSON a value follows a quote and
+  is a different token (`Tokyo`) than in running text (` Tokyo`).
+- Chats: 1-4 turns, a system message in about a third of them (including a "reply with JSON" mode);
+  fact questions, JSON requests, follow-ups that refer to the previous turn (same question about a new
+  subject, another question about the same subject, "Say that again in JSON.", "Say that again.",
+  "Just the answer, please."), "Tell me about Paris.", counting, favourites, stories (also about a
+  named character: "Tell me a story about Mia.").
+- Deliberate ambiguity: "My favourite colour is", "My favourite animal is the", "Today is", "Pick a number
+  from one to ten:" and a few more are completed by a uniformly random choice in the corpus.
 
 ## Evaluation (measured on the shipped folder, loaded with `mlx_lm.load`)
 
 Reproduce: `{report['eval_command']}`
 
-The weights are loaded from the float16 file and upcast to float32 for the
-evaluation, because float16 matmuls on a CPU without fast half-precision kernels are
-several times slower (the upcast values are exactly the stored ones; a spot check of greedy
-fact answers in float16 vs float32 agreed on {ev['fp16_vs_fp32_spot_agreement']}).
+The weights are loaded from the float16 file and upcast to float32 for the evaluation
+(float16 matmuls are slow on this CPU; the upcast values are exactly the stored ones; a spot check of
+greedy fact answers in float16 vs float32 agreed on {ev['fp16_vs_fp32_spot_agreement']}).
 
-"Held out" means: each fact is trained in several phrasings, and for every fact one
-phrasing template is never used with that fact (the template is trained with other
-facts, and the fact is trained in its other phrasings). The same holds for the chat
-question wording and the JSON request wording. In addition, every fifth country never
-appears in JSON form anywhere in training. The evaluation checks that **none of the
-{fh['total'] + ch['total'] + jc['total'] + jp['total']} held-out prompt strings occurs anywhere in the training
-corpus** (leaks found: {ev['heldout_prompt_leaks']}). This measures recombining known facts with known
-phrasings, not knowledge of new facts.
+"Held out" means: each fact is trained in several phrasings, and for every fact one phrasing is
+never used with that fact (the phrasing is trained with other facts, and the fact in its other
+phrasings). The same holds for the chat question, the JSON request and each follow-up wording. Every
+fifth country never appears in JSON form anywhere in training (its facts are seen only in sentences,
+plain and quoted). The evaluation checks that **none of the {fh['total'] + ch['total'] + jc['total'] + jp['total']} held-out
+prompt strings occurs anywhere in the training corpus** (leaks found: {ev['heldout_prompt_leaks']}), nor any of the
+{ev['followup_exchanges_checked']} "previous reply + follow-up question" exchanges of the held-out conversations
+(leaks found: {ev['followup_exchange_leaks']}). This measures recombining known facts with known phrasings, not
+knowledge of new facts.
 
-| measure | result |
-| --- | --- |
-| greedy fact accuracy, held-out prompts (e.g. "Japan's capital is") | **{fh['accuracy'] * 100:.1f}%** ({fh['correct']}/{fh['total']}) |
-| greedy fact accuracy, trained anchor phrasing (e.g. "The capital of Japan is") | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) |
-| perplexity on held-out generated text | **{ev['heldout_ppl']:.2f}** ({ev['heldout_tokens']:,} tokens, {ev['heldout_docs']} documents) |
-| chat-format accuracy (exact reply, then `<|im_end|>`), held-out questions | **{ch['accuracy'] * 100:.1f}%** ({ch['correct']}/{ch['total']}); stopped on `<|im_end|>`: {ch['stopped_on_im_end'] * 100:.1f}% |
-| JSON validity, held-out chat requests | **{jc['valid_rate'] * 100:.1f}%** valid, {jc['correct_rate'] * 100:.1f}% exactly right ({jc['total']} prompts) |
-| JSON validity, completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% exactly right ({jp['total']} prompts) |
-| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} |
-| load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call in the process {ev['load_seconds_first']:.2f} s) |
-| generation speed (`mlx_lm.stream_generate`, batch 1, this CPU) | {ev['greedy_tok_per_s_stored_dtype']:.0f} tokens/s as stored ({ev['stored_dtype']}), {ev['greedy_tok_per_s']:.0f} tokens/s after `model.set_dtype(mx.float32)` |
+| measure | version 2 (this model) | version 1 (baseline) |
+| --- | --- | --- |
+| greedy fact accuracy, held-out phrasings (e.g. "Japan's capital is") | **{fh['accuracy'] * 100:.1f}%** ({fh['correct']}/{fh['total']}) | {b['facts_heldout']} |
+| greedy fact accuracy, trained anchor phrasing (e.g. "The capital of Japan is") | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) | {b['facts_trained']} |
+| perplexity on held-out generated text | **{ev['heldout_ppl']:.2f}** ({ev['heldout_tokens']:,} tokens, {ev['heldout_docs']} documents) | {b['ppl']} (a smaller world) |
+| chat exact reply then `<|im_end|>`, held-out questions | **{ch['accuracy'] * 100:.1f}%** ({ch['correct']}/{ch['total']}); stopped on `<|im_end|>`: {ch['stopped_on_im_end'] * 100:.1f}% | {b['chat']} |
+| multi-turn follow-ups, exact reply (model's own earlier replies in the history) | **{fu['accuracy'] * 100:.1f}%** ({fu['correct']}/{fu['total']}, {fu['chains']} conversations) | {b['followup']} |
+| JSON in chat, held-out request wording | {heldj['valid']}/{heldj['total']} valid, {heldj['correct']}/{heldj['total']} right | {b['json_chat']} |
+| **JSON in chat for facts never seen as JSON** | {never['valid']}/{never['total']} valid, **{never['correct']}/{never['total']} right ({never['correct'] / max(1, never['total']) * 100:.1f}%)** | {b['json_never_seen']} |
+| JSON completion prompts for countries never seen as JSON | {jp['valid_rate'] * 100:.1f}% valid, {jp['correct_rate'] * 100:.1f}% right ({jp['total']}) | {b['json_completion']} |
+| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} | {b['p_paris']} |
+| load time (`mlx_lm.load`, modules already imported) | {ev['load_seconds']:.2f} s (first call {ev['load_seconds_first']:.2f} s) | |
+| generation speed (`mlx_lm.stream_generate`, batch 1, this CPU) | {ev['greedy_tok_per_s_stored_dtype']:.0f} tokens/s as stored, {ev['greedy_tok_per_s']:.0f} tokens/s in float32 | |
 
 Perplexity by kind of held-out text: {', '.join(f'{k} {v:.2f}' for k, v in ev['heldout_ppl_by_kind'].items())}.
-JSON chat by kind: {', '.join(f"{k}: {v['valid']}/{v['total']} valid, {v['correct']}/{v['total']} right" for k, v in jc['by_kind'].items())}.
 
 Held-out fact accuracy by family:
 
-| family | facts | held-out prompts correct | anchor prompts correct |
+| family | facts | held-out phrasing correct | anchor phrasing correct |
 | --- | --- | --- | --- |
 {fam_rows}
+
+Multi-turn follow-ups by kind ("held-out": every turn in the wording that fact never sees in training;
+"anchor": the trained wordings the README uses, e.g. "And of France?", "What about its continent?",
+"Say that again in JSON."):
+
+| turn | correct |
+| --- | --- |
+{fu_rows}
+
+Example conversations (greedy, the model's own replies):
+
+{transcripts}
+
+Deliberate ambiguity: entropy of the next-token distribution (bits), the probability the model gives
+to the options the corpus uses, and the top candidates:
+
+| prompt | entropy, bits | P(options) | top candidates |
+| --- | --- | --- | --- |
+{amb_rows}
 
 Greedy samples:
 
@@ -1370,25 +1900,24 @@ Greedy samples:
 ## Using it
 
 ```python
-import mlx_lm
-model, tokenizer = mlx_lm.load("nbllm/assets/default-model")
-mlx_lm.generate(model, tokenizer, "The capital of France is", max_tokens=5)
-prompt = tokenizer.apply_chat_template(
-    [{{"role": "user", "content": "What is the capital of France?"}}], add_generation_prompt=True)
-mlx_lm.generate(model, tokenizer, prompt, max_tokens=30)  # stops on <|im_end|>
+import nbllm
+lm = nbllm.load()                                     # this model
+lm.generate("The capital of France is", raw=True, max_tokens=3).text   # ' Paris.'
+chat = nbllm.Chat(lm)
+chat.send("What is the capital of Japan?").text       # 'The capital of Japan is Tokyo.'
+chat.send("And of France?").text                      # 'The capital of France is Paris.'
 ```
 
-On a CPU (e.g. Linux with `mlx[cpu]`), `model.set_dtype(mlx.core.float32)` after loading
-makes generation about 3x and long prompts about 10x faster (float32 matmuls use BLAS);
-Apple-silicon GPUs run float16 natively.
+With mlx-lm directly: `mlx_lm.load("nbllm/assets/default-model")`; on a CPU,
+`model.set_dtype(mlx.core.float32)` after loading makes generation several times faster
+(float32 matmuls use BLAS); Apple-silicon GPUs run float16 natively.
 
 ## Intended use and limits
 
-Teaching only: showing tokenization, sampling (temperature and top-p visibly change
-the output because facts have a sharp distribution while stories do not), chat
-templates, stop tokens, KV caches and structured (JSON) generation, offline and
-fast. It is not a source of facts: it was trained on a fixed list of {n_facts['capital']}
-capitals and will confidently make up answers for anything else.
+Teaching only: tokenization, sampling (facts have a sharp distribution, stories and the open
+prompts a wide one), chat templates and multi-turn context, stop tokens, KV caches and structured
+(JSON) generation, offline and fast. It is not a source of facts: it was trained on a fixed list of
+{n_facts['capital']} capitals and one-digit sums and will confidently make up answers for anything else.
 """
     (out / "MODEL_CARD.md").write_text(card)
 
@@ -1396,6 +1925,13 @@ capitals and will confidently make up answers for anything else.
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
+def loadavg():
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def versions():
     import importlib.metadata as md
     return ", ".join(f"{p} {md.version(p)}" for p in ["mlx", "mlx-lm", "tokenizers", "transformers"])
@@ -1408,10 +1944,16 @@ def main():
                     help=f"training budget (default {CONFIG['default_minutes']}); sets --steps from measured speed")
     ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate an existing folder")
+    ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from training_report.json")
     ap.add_argument("--seed", type=int, default=CONFIG["seed"])
+    ap.add_argument("--corpus-docs", type=int, default=CONFIG["corpus_docs"],
+                    help="documents to generate (smaller for a quick smoke test)")
     a = ap.parse_args()
-    cfg = dict(CONFIG, seed=a.seed)
+    cfg = dict(CONFIG, seed=a.seed, corpus_docs=a.corpus_docs)
     out = Path(a.out)
+    if a.card_only:
+        write_card(out, json.loads((out / "training_report.json").read_text()))
+        return
     seed = cfg["seed"]
     random.seed(seed)
     np.random.seed(seed)
@@ -1446,8 +1988,10 @@ def main():
         f"({time.time() - t:.1f}s)")
 
     minutes = a.minutes if a.minutes is not None else CONFIG["default_minutes"]
+    load_before = loadavg()
     model, args, tr = train(cfg, doc_tokens, vocab_size, tok.token_to_id(EOT), a.steps,
                             minutes, seed)
+    load_after = loadavg()
     write_folder(out, model, cfg, tok, vocab_size)
     log(f"wrote {out}")
 
@@ -1469,6 +2013,8 @@ def main():
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores" if platform.system() == "Linux"
                    else platform.platform(),
         "versions": versions(),
+        "load_before": load_before, "load_after": load_after,
+        "minutes_budget": None if a.steps else minutes,
     }
     ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
     report["eval"] = ev
