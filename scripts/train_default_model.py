@@ -14,9 +14,17 @@ The whole pipeline lives in this one file:
 
 Usage (from the repository root, with the project's venv):
 
-    nice -n 5 python scripts/train_default_model.py                  # 28 minute budget
-    nice -n 5 python scripts/train_default_model.py --steps 2000     # fixed step count
-    python scripts/train_default_model.py --eval-only                # re-evaluate the folder
+    .venv/bin/python scripts/train_default_model.py                  # time budget (default_minutes)
+    .venv/bin/python scripts/train_default_model.py --steps 2000     # fixed step count
+    .venv/bin/python scripts/train_default_model.py --eval-only      # re-evaluate the folder
+    .venv/bin/python scripts/train_default_model.py --size draft     # the speculative-decoding draft,
+                                                                     # with the default model's tokenizer
+
+On a 2-core CPU, ``OPENBLAS_NUM_THREADS=1 taskset -c 0`` gives one training
+run a core of its own: MLX's element-wise CPU kernels run on one thread, and a
+second BLAS thread gained little and varied a lot (measured 1,065-1,853
+tokens/s with two threads, ~1,300-1,400 steady with one), so the other core is
+better used by a second job.
 
 Everything random is seeded from CONFIG["seed"]; with the same ``--steps`` the
 run is reproducible on the same machine and library versions (floating point
@@ -53,9 +61,18 @@ CONFIG = {
     "weight_decay": 0.1,
     "adam_betas": (0.9, 0.95),
     "grad_clip": 1.0,
-    "default_minutes": 42.0,
+    "default_minutes": 50.0,
     # output
     "save_dtype": "float16",
+}
+
+# --size: the default model, and a much smaller draft model for speculative
+# decoding that shares the default model's tokenizer (issue 15).
+MODEL_SIZES = {
+    "default": {},
+    "draft": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "intermediate_size": 256, "peak_lr": 3e-3,
+              "default_minutes": 14.0},
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -91,6 +108,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fast_training_math import fast_attention, fast_cross_entropy, fast_swiglu, patched  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "nbllm" / "assets" / "default-model"
@@ -321,8 +341,8 @@ def build_facts():
             facts[fam].append(Fact(fam, i, x, seq[(i + 1) % len(seq)]))
     for i in range(20):
         facts["number_after"].append(Fact("number_after", i, NUMBER_WORDS[i], NUMBER_WORDS[i + 1]))
-    for a in range(1, 10):
-        for b in range(1, 10):
+    for a in range(1, 10):  # sums up to ten, and take-aways within ten
+        for b in range(1, 11 - a):
             facts["add"].append(Fact("add", len(facts["add"]), f"{a}+{b}", str(a + b), {"a": a, "b": b}))
     for a in range(2, 11):
         for b in range(1, a):
@@ -435,12 +455,14 @@ ANSWER_SUFFIX = {"legs": " legs"}
 # it is a different token ("Tokyo") than in running text (" Tokyo"); these
 # teach the quoted form for every fact, including those never seen as JSON.
 QUOTED_TEMPLATES = {
-    # None of these may start like a completion template: in the first v2 run
-    # 'The capital of X is called "Y".' taught "The capital of France is" ->
-    # ' called' (P(" Paris") fell to 0.03).
+    # None of these may start like a completion template or contain one: in the
+    # first v2 run 'The capital of X is called "Y".' taught "The capital of
+    # France is" -> ' called' (P(" Paris") fell to 0.03).
     "capital": [lambda f: f'People in {_the(f)} call their capital "{f.ans}".',
-                lambda f: f'The name of the capital city of {_the(f)} is "{f.ans}".'],
-    "continent": [lambda f: f'The name of the continent of {_the(f)} is "{f.ans}".'],
+                lambda f: f'Ask anyone in {_the(f)} to name the capital, and they say "{f.ans}".',
+                lambda f: f'On a map of {_the(f)}, the capital has the name "{f.ans}".'],
+    "continent": [lambda f: f'The name of the continent of {_the(f)} is "{f.ans}".',
+                  lambda f: f'On a map, {_the(f)} lies in the continent named "{f.ans}".'],
     "sound": [lambda f: f'The word for the sound of {art(f.subj)} {f.subj} is "{f.ans}".'],
     "color": [lambda f: f'We call the color of {art(f.subj)} {f.subj} "{f.ans}".'],
     "baby": [lambda f: f'The name for a baby {f.subj} is "{f.ans.split(" ", 1)[1]}".'],
@@ -868,6 +890,13 @@ FAMILY_WEIGHTS = {"capital": 30, "continent": 13, "sound": 6, "color": 6, "baby"
                   "legs": 5, "day_after": 3, "month_after": 3, "number_after": 4, "add": 10, "sub": 6}
 
 
+# Document kinds by share of documents: facts 45, chat 33, json 7, story 6,
+# sentences 9; by tokens that is about facts 22%, chat 55%, json 6%, story 9%,
+# sentences 8% (fact documents are short). The first v2 run spent 62% of its
+# tokens on chats and 11% on fact sentences, and learned the facts poorly.
+DOC_WEIGHTS = [45, 33, 7, 6, 9]
+
+
 def tell_me_about(world, rng):
     """A "Tell me about X." request and its answer, for a country, a capital or an animal."""
     r = rng.random()
@@ -981,7 +1010,7 @@ class World:
             r = rng.random()
             if r < 0.15:
                 return rng.choice(REVERSE_TEMPLATES[f.family])(f)
-            if r < 0.27 and f.family in QUOTED_TEMPLATES:
+            if r < 0.35 and f.family in QUOTED_TEMPLATES:
                 return rng.choice(QUOTED_TEMPLATES[f.family])(f)
             t = rng.choice(self.train_completion_templates(f))
         return end_sentence(f"{t(f)} {f.ans}{suffix}")
@@ -1109,8 +1138,7 @@ class World:
         return " ".join(out)
 
     def doc(self, rng):
-        kind = rng.choices(["facts", "chat", "json", "story", "sentences"],
-                           weights=[30, 42, 6, 9, 13])[0]
+        kind = rng.choices(["facts", "chat", "json", "story", "sentences"], weights=DOC_WEIGHTS)[0]
         return getattr(self, "doc_" + kind)(rng) if kind != "story" else story(rng)
 
 
@@ -1239,6 +1267,24 @@ def heldout_text_docs(world, n, seed, train_set):
 # ---------------------------------------------------------------------------
 # (b) Tokenizer
 # ---------------------------------------------------------------------------
+def tokenizer_supplement(repeat=30):
+    """Every name of the world as a JSON value ('"Paris"') and at a line start.
+
+    Inside JSON a value follows a quote, so it is written without a leading
+    space; the corpus has few such forms, and BPE left them in pieces ("Par" +
+    "is", "T" + "okyo") unrelated to the running-text tokens (" Paris"). Seen
+    here, each name gets a whole token in both forms. This text trains only
+    the tokenizer, not the model."""
+    names = set()
+    for name, _, capital, continent in COUNTRIES:
+        names.update([name, capital] + ([continent] if continent else []))
+    for pairs in (ANIMAL_SOUNDS, FOOD_COLORS, BABY_ANIMALS, OPPOSITE_PAIRS, ANIMAL_LEGS):
+        for a, b in pairs:
+            names.update([a, b])
+    line = " ".join(f'"{n}"' for n in sorted(names)) + "\n" + "\n".join(sorted(names)) + "\n"
+    return line * repeat
+
+
 def train_tokenizer(texts, vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -1256,7 +1302,8 @@ def train_tokenizer(texts, vocab_size):
             for s in SPECIAL_TOKENS:
                 t = t.replace(s, "\n")
             yield t
-    tok.train_from_iterator(clean(), trainer=trainer, length=len(texts))
+        yield tokenizer_supplement()
+    tok.train_from_iterator(clean(), trainer=trainer, length=len(texts) + 1)
     assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2]
     return tok
 
@@ -1311,6 +1358,20 @@ def lr_at(step, total, cfg):
     return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * prog))
 
 
+LLAMA_FAST_MATH = {"mlx_lm.models.llama": {"scaled_dot_product_attention": fast_attention,
+                                             "swiglu": fast_swiglu}}
+
+
+def check_fast_math(model, batch):
+    """The fast training loss must equal the stock loss of the same model."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    ref = nn.losses.cross_entropy(model(x), y, reduction="mean").item()
+    with patched(LLAMA_FAST_MATH):
+        fast = fast_cross_entropy(model(x), y).item()
+    assert abs(fast - ref) < 1e-3 * max(1.0, abs(ref)), (fast, ref)
+    return ref, fast
+
+
 def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
     from mlx_lm.models.llama import Model, ModelArgs
 
@@ -1337,7 +1398,11 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
                       weight_decay=cfg["weight_decay"])
 
     def loss_fn(m, x, y):
-        return nn.losses.cross_entropy(m(x), y, reduction="mean")
+        return fast_cross_entropy(m(x), y)
+
+    probe = next_batch()
+    ref, fast = check_fast_math(model, probe)
+    log(f"fast training math: loss {fast:.6f} vs stock {ref:.6f}")
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, opt.state]
@@ -1361,6 +1426,9 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
     ema = None
     history = []
     window_t, window_tok = time.time(), 0
+    loads = []
+    patch = patched(LLAMA_FAST_MATH)  # see scripts/fast_training_math.py
+    patch.__enter__()
     while True:
         if total is not None and step >= total:
             break
@@ -1391,10 +1459,14 @@ def train(cfg, doc_tokens, vocab_size, eot_id, steps, minutes, seed):
                 f"lr {lr:.2e}  gnorm {gnorm.item():.2f}  tok/s {tps:,.0f}  "
                 f"elapsed {(now - t0) / 60:.1f} min")
             history.append({"step": step, "loss": round(ema, 4)})
+            loads.append(float(loadavg().split()[0]))
+    patch.__exit__(None, None, None)
     train_s = time.time() - t0
     log(f"trained {step} steps, {tokens_seen:,} tokens in {train_s / 60:.1f} min")
     return model, args, {"steps": step, "tokens": tokens_seen, "train_seconds": round(train_s, 1),
-                         "params": n_params, "final_loss_ema": round(ema, 4), "loss_history": history}
+                         "params": n_params, "final_loss_ema": round(ema, 4), "loss_history": history,
+                         "load_1min_during": {"min": min(loads), "median": float(np.median(loads)),
+                                              "max": max(loads)}}
 
 
 # ---------------------------------------------------------------------------
@@ -1469,7 +1541,7 @@ def generate_greedy(model, tokenizer, prompt_ids, max_tokens, stop_ids):
     return out, False
 
 
-def evaluate(folder, world, corpus_text, train_set, cfg, seed):
+def evaluate(folder, world, corpus_text, train_set, cfg, seed, quick=False):
     import mlx_lm
 
     folder = Path(folder)
@@ -1486,6 +1558,10 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     assert {im_end, eot} <= eos_ids, eos_ids
     res = {"load_seconds_first": round(load_s, 3), "load_seconds": round(load_warm_s, 3)}
     P = heldout_prompts(world)
+    res["quick"] = quick
+    if quick:  # pilots: every third prompt and chain, fewer perplexity documents
+        P = {k: v[::3] for k, v in P.items()}
+        cfg = dict(cfg, heldout_docs=cfg["heldout_docs"] // 4)
 
     def enc(s):
         return hf.encode(s, add_special_tokens=False)
@@ -1709,6 +1785,8 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
     for msgs in ([{"role": "user", "content": "What is the capital of France?"}],
                  [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Give the capital of Japan as JSON."}],
+                 [{"role": "user", "content": "Give the capital of France as JSON."}],
+                 [{"role": "user", "content": "Tell me a story about a cat."}],
                  [{"role": "user", "content": "Tell me a story."}],
                  [{"role": "user", "content": "Tell me a short story about a cat."}],
                  [{"role": "user", "content": "Tell me a story about Mia."}],
@@ -1719,6 +1797,16 @@ def evaluate(folder, world, corpus_text, train_set, cfg, seed):
         prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids, _ = generate_greedy(model, tokenizer, enc(prompt), 80, {im_end, eot})
         samples["chat: " + msgs[-1]["content"]] = hf.decode(ids)
+    # the README's conversation, with the model's own replies in the history
+    msgs = []
+    for q in ["What is the capital of Japan?", "And of France?", "What about its continent?",
+              "Say that again in JSON."]:
+        msgs.append({"role": "user", "content": q})
+        prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids, _ = generate_greedy(model, tokenizer, enc(prompt), 60, {im_end, eot})
+        msgs.append({"role": "assistant", "content": hf.decode(ids)})
+    res["readme_chat"] = msgs
+    log("README chat: " + " | ".join(m["content"] for m in msgs))
     res["samples"] = samples
     return res
 
@@ -1737,6 +1825,73 @@ V1_BASELINE = {
     "json_never_seen": "64/64 valid, 30/64 right", "json_completion": "98.4% valid, 48.4% right (64)",
     "p_paris": "0.9944", "followup": "not trained (\"And of France?\" -> \"A baby bear is called a cub.\")",
 }
+
+
+def machine_line(report):
+    """Where and how the run trained, from the report (threads, cores, load, other work)."""
+    tr = report["training"]
+    during = tr.get("load_1min_during")
+    line = (f"float32 matmuls through OpenBLAS with {report.get('blas_threads', '?')} BLAS thread(s)"
+            + (f" on CPU core(s) {report['cpu_affinity']}" if report.get("cpu_affinity") else "")
+            + f"; load average {report.get('load_before', '?')} before, {report.get('load_after', '?')} after")
+    if during:
+        line += f", 1-minute load during training {during['min']:.2f}-{during['max']:.2f} (median {during['median']:.2f})"
+    if report.get("machine_note"):
+        line += f" ({report['machine_note']})"
+    return line
+
+
+def budget_line(report):
+    if report.get("minutes_budget"):
+        return (f"The step count came from a {report['minutes_budget']:g}-minute budget and the speed measured "
+                "over steps 5-50, then 50-250.")
+    return "The step count was fixed on the command line."
+
+
+def write_draft_card(out, report):
+    """A short card for the draft model (issue 15)."""
+    cfg, tr, ev = report["config"], report["training"], report["eval"]
+    fh, ft = ev["facts_heldout"], ev["facts_trained_template"]
+    spec_path = Path(out) / "speculative.json"
+    spec = ""
+    if spec_path.exists():
+        sp = json.loads(spec_path.read_text())
+        spec = "\n## Speculative decoding with the default model (measured)\n\n" + sp["markdown"] + "\n"
+    card = f"""# nbllm draft model ("nbllm-tiny-world-draft")
+
+A very small model for **speculative decoding** with nbllm's default model
+(`nbllm/assets/default-model`): it proposes tokens, the default model checks them in one pass.
+It was trained from scratch by `scripts/train_default_model.py --size draft` on the script's
+generated corpus (same seed; the script's world is version 2's, a superset of the world of the
+shipped version-1 default model), with the default model's own tokenizer
+(`{report.get('tokenizer_from')}`, loaded, not retrained), so the two share every token id.
+Teaching only; on its own it is a much weaker model than the default one.
+
+## Architecture
+
+- mlx-lm's Llama (`model_type: "llama"`), {tr['params']:,} parameters ({tr['params'] / 1e6:.2f}M): hidden size
+  {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads, SwiGLU MLP of
+  {cfg['intermediate_size']}, tied embeddings; vocabulary {report['vocab_size']} (the default model's), ChatML template.
+- Weights stored as {cfg['save_dtype']}; folder size {report['folder_bytes'] / 1e6:.1f} MB.
+
+## Training
+
+- Command: `{report['command']}`
+- Seed {cfg['seed']}; {tr['steps']:,} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens =
+  {tr['tokens']:,} tokens; peak learning rate {cfg['peak_lr']:g}, otherwise as the default model.
+- {tr['train_seconds'] / 60:.1f} minutes of wall time on {report['machine']}, {machine_line(report)};
+  {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s. Final training loss (EMA) {tr['final_loss_ema']}.
+
+## Evaluation (the script's held-out sets, greedy{', a third of each set' if ev.get('quick') else ''})
+
+| measure | draft |
+| --- | --- |
+| greedy fact accuracy, held-out phrasings | {fh['accuracy'] * 100:.1f}% ({fh['correct']}/{fh['total']}) |
+| greedy fact accuracy, trained anchor phrasing | {ft['accuracy'] * 100:.1f}% ({ft['correct']}/{ft['total']}) |
+| perplexity on held-out generated text | {ev['heldout_ppl']:.2f} |
+| P(" Paris" \\| "The capital of France is") | {ev['p_paris']} |
+{spec}"""
+    (Path(out) / "MODEL_CARD.md").write_text(card)
 
 
 def write_card(out, report):
@@ -1766,8 +1921,8 @@ A tiny decoder-only language model trained from scratch, in {tr['train_seconds']
 2-core CPU, by `scripts/train_default_model.py`. It ships inside the nbllm package so the
 teaching notebooks run offline in seconds. **It is for teaching only**: it knows a small
 synthetic world (country capitals and continents; animal sounds, babies and legs; food
-colours; opposite words; days, months and numbers in order; one-digit addition and
-subtraction; counting; everyday sentences and short stories with named characters; a few
+colours; opposite words; days, months and numbers in order; sums up to ten and
+take-aways within ten; counting; everyday sentences and short stories with named characters; a few
 deliberately open prompts such as "My favourite colour is") and nothing else. Outside that
 world it produces fluent-looking nonsense. It holds a short conversation: follow-ups such as
 "And of France?", "What about its continent?" and "Say that again in JSON." use the earlier turns.
@@ -1784,8 +1939,9 @@ world it produces fluent-looking nonsense. It holds a short conversation: follow
 - Context: trained on {cfg['seq_len']}-token rows (`max_position_embeddings: {cfg['seq_len']}`).
 - Weights stored as {cfg['save_dtype']} (`model.safetensors`); training ran in float32.
   Folder size: {size_mb:.1f} MB.
-- Tokenizer: byte-level BPE trained with the `tokenizers` library on the corpus,
-  vocabulary {report['vocab_size']} including the special tokens `<|endoftext|>` (id 0),
+- Tokenizer: byte-level BPE trained with the `tokenizers` library on the corpus plus a list of
+  the world's names written as JSON values (`"Paris"`), so that every name is one token both in
+  running text (` Paris`) and after a quote (`Paris`); vocabulary {report['vocab_size']} including the special tokens `<|endoftext|>` (id 0),
   `<|im_start|>` (1), `<|im_end|>` (2). No BOS token is prepended when encoding.
 - Chat template: ChatML, `<|im_start|>role\\n...<|im_end|>\\n` per message, optional
   system message, `add_generation_prompt` appends `<|im_start|>assistant\\n`.
@@ -1797,17 +1953,19 @@ world it produces fluent-looking nonsense. It holds a short conversation: follow
   `{report['command']}`
 - Seed {cfg['seed']}; {tr['steps']:,} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens
   = {tr['tokens']:,} training tokens (about {tr['tokens'] / report['corpus_tokens']:.2f} passes over the corpus).
-  The step count came from a {report.get('minutes_budget', cfg['default_minutes']):g}-minute budget and the speed measured over the first 50 steps.
+  {budget_line(report)}
 - AdamW (betas {tuple(cfg['adam_betas'])}, weight decay {cfg['weight_decay']}), peak learning rate
   {cfg['peak_lr']:g}, {cfg['warmup_steps']} linear warm-up steps, cosine decay to
   {cfg['min_lr_ratio']:g}x peak; gradient clipping at {cfg['grad_clip']}.
 - Rows of {cfg['seq_len']}+1 tokens packed from whole documents separated by
   `<|endoftext|>`; each row starts at a document start. Loss on every token.
 - Training time: **{tr['train_seconds'] / 60:.1f} minutes** of wall time ({tr['train_seconds']:.0f} s) for the
-  training loop, on {report['machine']}, under `nice -n 5` while another job ran CPU benchmarks on the
-  same two cores (load average {report.get('load_before', '?')} before, {report.get('load_after', '?')} after); float32
-  matmuls through OpenBLAS; the average was {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s. Final training loss (EMA):
-  {tr['final_loss_ema']}.
+  training loop, on {report['machine']}, {machine_line(report)}; the average was
+  {tr['tokens'] / tr['train_seconds']:,.0f} tokens/s. Final training loss (EMA): {tr['final_loss_ema']}.
+- Training-only fast math (`scripts/fast_training_math.py`): during training, the attention softmax, the
+  SwiGLU and the loss use a compiled polynomial exp (relative error < 1e-4) instead of MLX's CPU exp, which
+  took more time than all matmuls; the model class and saved weights are mlx-lm's, and the evaluation
+  below runs the stock functions.
 - Library versions: {report['versions']}.
 
 ## Corpus
@@ -1820,8 +1978,9 @@ are left out; countries on two continents have no continent fact); the templates
 stories and generated text are part of nbllm and under its MIT license.
 
 - {cfg['corpus_docs']:,} documents, {report['corpus_chars']:,} characters, {report['corpus_tokens']:,} tokens.
-- Mix (by document): fact sentences 30%, chat conversations 42%, JSON lines 6%,
-  short stories 9%, everyday sentences 13% (with counting, days/months/seasons and the open prompts).
+- Mix (by document): fact sentences {DOC_WEIGHTS[0]}%, chat conversations {DOC_WEIGHTS[1]}%, JSON lines {DOC_WEIGHTS[2]}%,
+  short stories {DOC_WEIGHTS[3]}%, everyday sentences {DOC_WEIGHTS[4]}% (with counting, days/months/seasons and the
+  open prompts); fact documents are short, so by tokens chats are about half of the corpus.
 - Facts: {sum(n_facts.values())} in {len(n_facts)} families: {', '.join(f'{k} {v}' for k, v in n_facts.items())}.
 - Fact sentences: several phrasings per fact, answer-first sentences, and sentences that quote the
   answer (`People in Japan call their capital "Tokyo".`), because inside JSON a value follows a quote and
@@ -1917,7 +2076,7 @@ With mlx-lm directly: `mlx_lm.load("nbllm/assets/default-model")`; on a CPU,
 Teaching only: tokenization, sampling (facts have a sharp distribution, stories and the open
 prompts a wide one), chat templates and multi-turn context, stop tokens, KV caches and structured
 (JSON) generation, offline and fast. It is not a source of facts: it was trained on a fixed list of
-{n_facts['capital']} capitals and one-digit sums and will confidently make up answers for anything else.
+{n_facts['capital']} capitals and small sums and will confidently make up answers for anything else.
 """
     (out / "MODEL_CARD.md").write_text(card)
 
@@ -1937,22 +2096,70 @@ def versions():
     return ", ".join(f"{p} {md.version(p)}" for p in ["mlx", "mlx-lm", "tokenizers", "transformers"])
 
 
+DEFAULT_DRAFT_OUT = REPO_ROOT / "nbllm" / "assets" / "default-draft"
+
+
+def load_tokenizer(folder):
+    """The tokenizer of an existing model folder (the draft shares the default model's)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2], "special tokens differ"
+    return tok
+
+
+def run_command(a, steps):
+    """The command that reproduces this run, with the thread and core settings it ran under."""
+    parts = []
+    if os.environ.get("OPENBLAS_NUM_THREADS"):
+        parts.append(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cpus and len(cpus) < (os.cpu_count() or len(cpus)):
+        parts.append("taskset -c " + ",".join(map(str, cpus)))
+    parts += [".venv/bin/python scripts/train_default_model.py", f"--steps {steps}"]
+    if a.size != "default":
+        parts.append(f"--size {a.size}")
+    if a.seed != CONFIG["seed"]:
+        parts.append(f"--seed {a.seed}")
+    if a.corpus_docs != CONFIG["corpus_docs"]:
+        parts.append(f"--corpus-docs {a.corpus_docs}")
+    if a.out != str(a.default_out):
+        parts.append(f"--out {a.out}")
+    return " ".join(parts)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--size", choices=sorted(MODEL_SIZES), default="default",
+                    help="default: the embedded model; draft: a small draft model for speculative "
+                         "decoding with the default model's tokenizer")
+    ap.add_argument("--out", default=None, help="model folder (default nbllm/assets/default-model, "
+                                                "or default-draft with --size draft)")
+    ap.add_argument("--tokenizer-from", default=None,
+                    help="reuse this folder's tokenizer instead of training one (default for --size draft: "
+                         "nbllm/assets/default-model)")
     ap.add_argument("--minutes", type=float, default=None,
-                    help=f"training budget (default {CONFIG['default_minutes']}); sets --steps from measured speed")
+                    help="training budget (default_minutes of the size); sets --steps from measured speed")
     ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate an existing folder")
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from training_report.json")
+    ap.add_argument("--quick-eval", action="store_true", help="evaluate a third of the held-out sets (pilots)")
     ap.add_argument("--seed", type=int, default=CONFIG["seed"])
     ap.add_argument("--corpus-docs", type=int, default=CONFIG["corpus_docs"],
                     help="documents to generate (smaller for a quick smoke test)")
+    ap.add_argument("--machine-note", default="",
+                    help="what else ran on the machine, for the card (e.g. another training job on the other core)")
     a = ap.parse_args()
-    cfg = dict(CONFIG, seed=a.seed, corpus_docs=a.corpus_docs)
+    a.default_out = DEFAULT_DRAFT_OUT if a.size == "draft" else DEFAULT_OUT
+    a.out = a.out or str(a.default_out)
+    if a.size == "draft" and a.tokenizer_from is None:
+        a.tokenizer_from = str(DEFAULT_OUT)
+    cfg = dict(CONFIG, **MODEL_SIZES[a.size])
+    cfg.update(seed=a.seed, corpus_docs=a.corpus_docs, size=a.size)
     out = Path(a.out)
+    card = write_draft_card if a.size == "draft" else write_card
     if a.card_only:
-        write_card(out, json.loads((out / "training_report.json").read_text()))
+        card(out, json.loads((out / "training_report.json").read_text()))
         return
     seed = cfg["seed"]
     random.seed(seed)
@@ -1968,62 +2175,67 @@ def main():
     if a.eval_only:
         report_path = out / "training_report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else None
-        ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
+        ev = evaluate(out, world, corpus_text, train_set, cfg, seed, quick=a.quick_eval)
         log(json.dumps({k: v for k, v in ev.items() if k != "samples"}, indent=1))
         if report is not None:
             report["eval"] = ev
             report["folder_bytes"] = folder_size_bytes(out)
             report_path.write_text(json.dumps(report, indent=1) + "\n")
-            write_card(out, report)
+            card(out, report)
         return
 
     t = time.time()
-    tok = train_tokenizer(corpus[: cfg["tokenizer_docs"]], cfg["vocab_size"])
+    if a.tokenizer_from:
+        tok = load_tokenizer(a.tokenizer_from)
+        log(f"tokenizer: vocab {tok.get_vocab_size()} from {a.tokenizer_from}")
+    else:
+        tok = train_tokenizer(corpus[: cfg["tokenizer_docs"]], cfg["vocab_size"])
+        log(f"tokenizer: vocab {tok.get_vocab_size()} ({time.time() - t:.1f}s)")
     vocab_size = tok.get_vocab_size()
-    log(f"tokenizer: vocab {vocab_size} ({time.time() - t:.1f}s)")
     t = time.time()
     doc_tokens = [e.ids for e in tok.encode_batch(corpus, add_special_tokens=False)]
     corpus_tokens = sum(len(d) + 1 for d in doc_tokens)
     log(f"encoded corpus: {corpus_tokens:,} tokens, {corpus_tokens / len(corpus):.1f}/doc "
         f"({time.time() - t:.1f}s)")
 
-    minutes = a.minutes if a.minutes is not None else CONFIG["default_minutes"]
+    minutes = a.minutes if a.minutes is not None else cfg["default_minutes"]
     load_before = loadavg()
+    log(f"load average before training: {load_before}")
     model, args, tr = train(cfg, doc_tokens, vocab_size, tok.token_to_id(EOT), a.steps,
                             minutes, seed)
     load_after = loadavg()
     write_folder(out, model, cfg, tok, vocab_size)
     log(f"wrote {out}")
 
-    cmd = "nice -n 5 .venv/bin/python scripts/train_default_model.py --steps " + str(tr["steps"])
-    if a.out != str(DEFAULT_OUT):
-        cmd += f" --out {a.out}"
-    if a.seed != CONFIG["seed"]:
-        cmd += f" --seed {a.seed}"
     report = {
-        "command": cmd,
+        "command": run_command(a, tr["steps"]),
         "eval_command": ".venv/bin/python scripts/train_default_model.py --eval-only"
-                        + (f" --out {a.out}" if a.out != str(DEFAULT_OUT) else ""),
+                        + (f" --size {a.size}" if a.size != "default" else "")
+                        + (f" --out {a.out}" if a.out != str(a.default_out) else ""),
         "config": cfg,
         "vocab_size": vocab_size,
+        "tokenizer_from": os.path.relpath(a.tokenizer_from, REPO_ROOT) if a.tokenizer_from else None,
         "n_facts": {k: len(v) for k, v in world.facts.items()},
         "corpus_chars": len(corpus_text),
         "corpus_tokens": corpus_tokens,
         "training": tr,
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores" if platform.system() == "Linux"
                    else platform.platform(),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "OpenBLAS default"),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "machine_note": a.machine_note,
         "versions": versions(),
         "load_before": load_before, "load_after": load_after,
         "minutes_budget": None if a.steps else minutes,
     }
-    ev = evaluate(out, world, corpus_text, train_set, cfg, seed)
+    ev = evaluate(out, world, corpus_text, train_set, cfg, seed, quick=a.quick_eval)
     report["eval"] = ev
     report["folder_bytes"] = 0
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_card(out, report)
+    card(out, report)
     report["folder_bytes"] = folder_size_bytes(out)
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_card(out, report)
+    card(out, report)
     log(json.dumps({k: v for k, v in ev.items() if k != "samples"}, indent=1))
     log(f"folder size {report['folder_bytes'] / 1e6:.2f} MB")
 

@@ -199,7 +199,7 @@ def conversation(scene, rng, turns=None):
     """1-3 questions about one picture, question kinds balanced."""
     qs = questions_for(scene)
     kinds = sorted({k for k, _, _ in qs})
-    n = turns or rng.choice([1, 2, 2, 3])
+    n = turns or rng.choice([1, 2, 3, 4])
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds])[0]
@@ -377,6 +377,20 @@ class Batcher:
         return ids, mask, pix
 
 
+# The vision blocks' attention in batched_forward; training swaps in the fast
+# version (scripts/fast_training_math.py), the twin check runs the stock one.
+_VISION_SDPA = [None]
+
+
+def _stock_sdpa(q, k, v, scale):
+    import mlx.core as mx
+
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+_VISION_SDPA[0] = _stock_sdpa
+
+
 def batched_forward(vlm_model, ids, pixels, positions, rot, n_image):
     """Logits for a batch: mlx-vlm's Qwen2-VL forward with batched vision attention.
 
@@ -398,8 +412,8 @@ def batched_forward(vlm_model, ids, pixels, positions, rot, n_image):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, n, heads, hd)
         q = apply_rotary_pos_emb_vision(q, rot)
         k = apply_rotary_pos_emb_vision(k, rot)
-        o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                                                 v.transpose(0, 2, 1, 3), scale=att.scale)
+        o = _VISION_SDPA[0](q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                            v.transpose(0, 2, 1, 3), scale=att.scale)
         h = h + att.proj(o.transpose(0, 2, 1, 3).reshape(B * n, D))
         h = h + blk.mlp(blk.norm2(h))
     feats = vt.merger(h)  # (B * n_image, hidden)
@@ -468,9 +482,12 @@ def train(vlm, batcher, cfg, steps, minutes, seed):
     rot = model.vision_tower.rot_pos_emb(grid)
     opt = optim.AdamW(learning_rate=cfg["peak_lr"], betas=list(cfg["adam_betas"]), weight_decay=cfg["weight_decay"])
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fast_training_math import fast_attention, fast_cross_entropy, fast_swiglu, patched
+
     def loss_fn(m, ids, mask, pix, pos):
         logits = batched_forward(m, ids[:, :-1], pix, pos[:, :, :-1], rot, batcher.n_image)
-        ce = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
+        ce = fast_cross_entropy(logits, ids[:, 1:], reduction="none")
         w = mask[:, 1:]
         return (ce * w).sum() / w.sum()
 
@@ -487,10 +504,16 @@ def train(vlm, batcher, cfg, steps, minutes, seed):
     def positions(ids):
         return mx.array(batcher.positions(ids))
 
+    # training-only fast math (see scripts/fast_training_math.py): the same formulas with a
+    # polynomial exp, for the language model's attention and SwiGLU and the vision attention
+    fast = patched({"mlx_vlm.models.qwen2_vl.language": {"scaled_dot_product_attention": fast_attention},
+                    "mlx_vlm.models.mlp": {"swiglu": fast_swiglu}})
+    fast.__enter__()
+    _VISION_SDPA[0] = lambda q, k, v, scale: fast_attention(q, k, v, scale=scale)
     total = steps
     budget_s = None if steps else minutes * 60.0
     t0 = t_calib = time.time()
-    step, ema, history = 0, None, []
+    step, ema, history, loads = 0, None, [], []
     while total is None or step < total:
         lr = lr_at(step, total if total else 10**9, cfg)
         opt.learning_rate = mx.array(lr, dtype=mx.float32)
@@ -510,10 +533,14 @@ def train(vlm, batcher, cfg, steps, minutes, seed):
             log(f"step {step:5d}/{total or '?'}  loss {lv:.4f}  ema {ema:.4f}  lr {lr:.2e}  "
                 f"gnorm {gnorm.item():.2f}  elapsed {(time.time() - t0) / 60:.1f} min")
             history.append({"step": step, "loss": round(ema, 4)})
+            loads.append(float(loadavg().split()[0]))
+    fast.__exit__(None, None, None)
+    _VISION_SDPA[0] = _stock_sdpa
     train_s = time.time() - t0
     log(f"trained {step} steps ({step * B:,} conversations) in {train_s / 60:.1f} min")
     return {"steps": step, "conversations": step * B, "train_seconds": round(train_s, 1), "params": n_params,
-            "final_loss_ema": round(ema, 4), "loss_history": history}
+            "final_loss_ema": round(ema, 4), "loss_history": history,
+            "load_1min_during": {"min": min(loads), "median": sorted(loads)[len(loads) // 2], "max": max(loads)}}
 
 
 # ---------------------------------------------------------------------------
