@@ -18,6 +18,7 @@ import nbllm
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION_PATH = ROOT / "nbllm" / "assets" / "default-vision"
+DRAFT_PATH = ROOT / "nbllm" / "assets" / "default-draft"
 sys.path.insert(0, str(ROOT / "scripts"))
 from train_vision_model import answer, draw_scene  # noqa: E402
 
@@ -25,6 +26,11 @@ from train_vision_model import answer, draw_scene  # noqa: E402
 @pytest.fixture(scope="module")
 def lm() -> nbllm.LM:
     return nbllm.load()
+
+
+@pytest.fixture(scope="module")
+def draft() -> nbllm.LM:
+    return nbllm.load("nbllm/default-draft")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,25 @@ def test_chat_follow_ups_use_earlier_turns(lm: nbllm.LM) -> None:
 def test_json_schema_for_a_country_never_seen_as_json(lm: nbllm.LM) -> None:
     out = lm.generate("Give the capital of France as JSON.", schema=Capital, max_tokens=40)
     assert out.value == Capital(country="France", capital="Paris")
+
+
+# -- draft model (speculative decoding) -------------------------------------------
+def test_the_draft_shares_the_tokenizer_and_is_small(lm: nbllm.LM, draft: nbllm.LM) -> None:
+    assert draft.tokenizer.get_vocab() == lm.tokenizer.get_vocab()
+    assert draft.tokenizer.eos_token_ids == lm.tokenizer.eos_token_ids
+    assert sum(f.stat().st_size for f in DRAFT_PATH.iterdir()) < 5_000_000
+    assert draft.info.parameters * 3 < lm.info.parameters
+
+
+@pytest.mark.parametrize(
+    "prompt, raw",
+    [("Once upon a time", True), ("Tell me a story about a cat.", False), ("What is the capital of Japan?", False)],
+)
+def test_speculative_greedy_equals_plain_greedy(lm: nbllm.LM, draft: nbllm.LM, prompt: str, raw: bool) -> None:
+    plain = lm.generate(prompt, raw=raw, max_tokens=64)
+    fast = lm.generate(prompt, raw=raw, max_tokens=64, draft_model=draft)
+    assert [t.id for t in fast.tokens] == [t.id for t in plain.tokens]
+    assert fast.stats.acceptance_rate is not None and fast.stats.acceptance_rate > 0.5  # the draft learned the world
 
 
 # -- vision model -------------------------------------------------------------
