@@ -94,8 +94,10 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
         logits = forward(lm, prompt)  # the model's own output, [positions, vocab]
     predicted = np.asarray(mx.argmax(logits, axis=-1))
     rows: dict[str, list[Any]] = {k: [] for k in ("prob", "rank", "entropy", "ids", "lps")}
-    for hidden in streams:
-        got = position_stats(np.asarray(decoder.logits(hidden[0]).astype(mx.float32)), predicted, top_k)
+    for i, hidden in enumerate(streams):
+        # the last layer's lens is the model's own output, already computed
+        layer_logits = logits if i == len(streams) - 1 else decoder.logits(hidden[0])
+        got = position_stats(np.asarray(layer_logits.astype(mx.float32)), predicted, top_k)
         for key, value in (
             ("prob", np.exp(got.logprob)),
             ("rank", got.rank),

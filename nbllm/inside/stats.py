@@ -29,19 +29,31 @@ def position_stats(logits: np.ndarray, targets: np.ndarray, k: int) -> PositionS
     """Figures of ``logits`` ``[positions, vocab]`` for ``targets`` ``[positions]``, with the top ``k`` most likely first."""
     x = logits.astype(np.float32, copy=False)
     peak = x.max(axis=-1, keepdims=True)
-    e = np.exp(x - peak)
-    total = e.sum(axis=-1, keepdims=True)
-    lse = (peak + np.log(total))[:, 0]  # log of the normaliser: log p = x - lse
-    finite = np.where(np.isfinite(x), x, 0.0)
-    entropy = lse - (e * finite).sum(axis=-1) / total[:, 0]  # -sum p log p = lse - E_p[x]
+    e = np.subtract(x, peak)
+    np.exp(e, out=e)
+    total = e.sum(axis=-1)
+    lse = peak[:, 0] + np.log(total)  # log of the normaliser: log p = x - lse
+    # -sum p log p = lse - E_p[x]; masked (-inf) logits have p = 0 and add nothing
+    all_finite = bool(np.isfinite(x).all())
+    finite = x if all_finite else np.where(np.isfinite(x), x, 0.0)
+    entropy = lse - np.einsum("ij,ij->i", e, finite) / total
     rows = np.arange(len(targets))
     target_x = x[rows, targets]
     rank = (x > target_x[:, None]).sum(axis=-1)
-    if k > 0:
+    top = _top_ids(x, k, all_finite)
+    return PositionStats(target_x - lse, rank, entropy, top, np.take_along_axis(x, top, axis=-1) - lse[:, None])
+
+
+def _top_ids(x: np.ndarray, k: int, all_finite: bool) -> np.ndarray:
+    """Each row's ``k`` largest entries' indices, largest first (ties: lowest index first)."""
+    if k > 16 or not all_finite:  # a partial sort; for a few, repeated argmax is several times faster
         top = np.argpartition(x, -k, axis=-1)[:, -k:]
-        top_x = np.take_along_axis(x, top, axis=-1)
-        order = np.argsort(-top_x, axis=-1, kind="stable")
-        top, top_lp = np.take_along_axis(top, order, axis=-1), np.take_along_axis(top_x, order, axis=-1) - lse[:, None]
-    else:
-        top, top_lp = np.zeros((len(targets), 0), np.int64), np.zeros((len(targets), 0), np.float32)
-    return PositionStats(target_x - lse, rank, entropy, top, top_lp)
+        order = np.lexsort((top, -np.take_along_axis(x, top, axis=-1)), axis=-1)
+        return np.take_along_axis(top, order, axis=-1)
+    rows = np.arange(len(x))
+    rest = x.copy()
+    out = np.empty((len(x), k), dtype=np.int64)
+    for j in range(k):
+        out[:, j] = rest.argmax(axis=-1)
+        rest[rows, out[:, j]] = -np.inf
+    return out
