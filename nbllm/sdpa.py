@@ -171,6 +171,16 @@ def _softmax() -> Any:
     return lib
 
 
+def softmax_rows(x: Any) -> bool:
+    """Each row of a C-contiguous float32 numpy matrix of finite values replaced by its softmax, with the C
+    library; ``False`` (``x`` untouched) where the library is not there."""
+    lib = _softmax()
+    if lib is None:
+        return False
+    lib.nbllm_softmax_rows(x.ctypes.data, 1, x.shape[0], x.shape[1], 0)
+    return True
+
+
 def softmax_status() -> str:
     """Whether long prompts' CPU attention uses the C softmax, and why not if it does not."""
     _softmax()

@@ -94,10 +94,13 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
         logits = forward(lm, prompt)  # the model's own output, [positions, vocab]
     predicted = np.asarray(mx.argmax(logits, axis=-1))
     rows: dict[str, list[Any]] = {k: [] for k in ("prob", "rank", "entropy", "ids", "lps")}
-    for i, hidden in enumerate(streams):
+    n, positions = len(streams), len(prompt)
+    group = max(1, _BLOCK // (positions * lm.vocab_size))  # layers read at once (one head matmul, bounded memory)
+    for first in range(0, n, group):
+        layers = range(first, min(first + group, n))
         # the last layer's lens is the model's own output, already computed
-        layer_logits = logits if i == len(streams) - 1 else decoder.logits(hidden[0])
-        got = position_stats(np.asarray(layer_logits.astype(mx.float32)), predicted, top_k)
+        block = mx.concatenate([logits if i == n - 1 else decoder.logits(streams[i][0]) for i in layers])
+        got = position_stats(np.asarray(block.astype(mx.float32)), np.tile(predicted, len(layers)), top_k)
         for key, value in (
             ("prob", np.exp(got.logprob)),
             ("rank", got.rank),
@@ -105,7 +108,7 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
             ("ids", got.top_ids),
             ("lps", got.top_logprobs),
         ):
-            rows[key].append(value)
+            rows[key].extend(np.split(value, len(layers)))
     pieces = tuple(_piece(lm, i) for i in prompt.ids)
     return LogitLens(
         tokens=pieces,
@@ -118,6 +121,9 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
         top_probs=np.exp(np.stack(rows["lps"])),
         label=lambda i: _piece(lm, i),
     )
+
+
+_BLOCK = 1 << 24  # logits per block of layers: 64 MB of float32
 
 
 def _piece(lm: Any, token: int) -> str:
