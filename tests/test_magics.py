@@ -290,3 +290,22 @@ def test_without_a_selected_model_the_embedded_default_loads(shell: InteractiveS
     finally:
         magics.registry.models.pop("nbllm/default-model", None)
         magics.registry.current = selected
+
+
+@pytest.mark.parametrize("bug", [TypeError, ZeroDivisionError])
+def test_a_bug_inside_generation_shows_its_traceback(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
+) -> None:
+    import importlib
+
+    mlx_generate = importlib.import_module("mlx_lm.generate")  # the module (the package's name is a function)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise bug("a bug deep inside the decode loop")
+        yield  # a generator, like generate_step
+
+    monkeypatch.setattr(mlx_generate, "generate_step", broken)
+    err = error_of(shell, "%%llm -n 3\nHello there")
+    assert type(err) is bug and "a bug deep inside" in str(err)  # the real exception, not a UsageError
+    monkeypatch.undo()
+    assert error_of(shell, "%%llm -n 3\nHello there") is None  # and the magics still work
