@@ -37,8 +37,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from nbllm.testing.text import SMOLLM2_135M  # noqa: E402  (the children set up BLAS; the parent only orchestrates)
+
+
+def _standalone(name: str, path: Path) -> Any:
+    """A module of nbllm loaded from its file alone: importing it through the package would run
+    nbllm/__init__.py, which loads OpenBLAS and the GEMV shim into every process (the mlx-lm rows too)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMOLLM2_135M: dict[str, Any] = _standalone("nbllm_text_fixture", ROOT / "nbllm" / "testing" / "text.py").SMOLLM2_135M
 
 CONFIGS: dict[str, dict[str, str]] = {  # name -> environment of its process
     "mlx-lm bf16": {},
@@ -77,11 +88,7 @@ def _load(config: str, folder: Path) -> tuple[Any, dict[str, Any]]:
         return lm, {"blas": nbllm.blas.blas_status()["summary"], "cpu_attention": lm.info.cpu_attention}
     if "OpenBLAS" in config:
         # nbllm's OpenBLAS lookup, without importing nbllm (which would load the shim too)
-        spec = importlib.util.spec_from_file_location("blas_lookup", ROOT / "nbllm" / "blas.py")
-        assert spec and spec.loader
-        lookup = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(lookup)
-        path = lookup._find()
+        path = _standalone("blas_lookup", ROOT / "nbllm" / "blas.py")._find()
         if path is None:
             raise SystemExit("bench_cpu: no OpenBLAS found (apt-get install libopenblas0-pthread)")
         import ctypes
@@ -91,6 +98,7 @@ def _load(config: str, folder: Path) -> tuple[Any, dict[str, Any]]:
     import mlx_lm
 
     model = mlx_lm.load(str(folder))[0]
+    assert "nbllm" not in sys.modules, "the mlx-lm rows must run without nbllm (its import loads the GEMV shim)"
     if "fp32" in config:
         model.set_dtype(mx.float32)
     return model, {"blas": "OpenBLAS preloaded, no shim" if "OpenBLAS" in config else "MLX's reference BLAS"}
