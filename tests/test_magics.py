@@ -309,3 +309,25 @@ def test_a_bug_inside_generation_shows_its_traceback(
     assert type(err) is bug and "a bug deep inside" in str(err)  # the real exception, not a UsageError
     monkeypatch.undo()
     assert error_of(shell, "%%llm -n 3\nHello there") is None  # and the magics still work
+
+
+def test_step_shows_prefill_progress_for_a_long_prompt(
+    shell: InteractiveShell, magics: LLMMagics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbllm.widgets import StepperWidget
+    from nbllm.widgets.progress import PrefillBar
+
+    shown: list[Any] = []
+    monkeypatch.setattr(magics, "_display", lambda obj, display_id=False: shown.append(obj))
+    magics.view, magics.max_rate = "widget", 10_000.0
+    seen: list[tuple[int, int]] = []
+    real_call = PrefillBar.__call__
+    monkeypatch.setattr(
+        PrefillBar, "__call__", lambda bar, done, total: (seen.append((done, total)), real_call(bar, done, total))
+    )
+    cell(shell, "--step --raw", "the model cache prompt " * 300)  # ~1,200 tokens: several CPU prefill chunks
+    bar, widget = shown
+    assert isinstance(bar, PrefillBar) and isinstance(widget, StepperWidget)  # the bar comes first, above the stepper
+    during = [done for done, total in seen if done < total]
+    assert len(during) >= 2 and during == sorted(during) and bar.max >= 1000  # it moved, chunk by chunk
+    assert bar.layout.display == "none"  # and is gone once the stepper is ready
