@@ -39,7 +39,7 @@ __all__ = ["MLXEngine", "MLXRun", "generation_stream", "prefill_step_for"]
 def prefill_step_for(device: Any) -> int:
     """Prompt tokens per prefill chunk: mlx-lm's 2048 on Metal; 512 on the CPU backend, where
     attention over a chunk costs more than the matmuls it saves (measured in bench/bench_cpu.py:
-    1.46x the prefill rate of 2048 at 2,048 tokens, 1.24x at 3,000)."""
+    1.26-1.27x the prefill rate of 2048 at 2,048 tokens, 1.19-1.40x at 3,000, with the C softmax)."""
     return 512 if device == mx.cpu else 2048
 
 
