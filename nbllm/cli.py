@@ -101,12 +101,14 @@ def _lab(args: argparse.Namespace) -> int:
     notebooks = list_notebooks(folder)
     if not notebooks:
         raise FileNotFoundError(f"no notebooks in {folder}")
-    failed = 0
+    failed, total = 0, 0.0
     for path in notebooks:
         run = execute_notebook(path, timeout=args.timeout, output=Path(args.output) if args.output else None)
         status = "ok" if run.error is None else f"FAILED {run.error}"
         failed += run.error is not None
+        total += run.seconds
         print(f"{path.name:<40} {run.cells:>3} cells {run.seconds:6.1f} s  {status}", flush=True)
+    print(f"{'total':<40} {'':>9} {total:6.1f} s  {len(notebooks)} notebooks, {failed} failed")
     return 1 if failed else 0
 
 
