@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from ..decode import piece_of
 from .hooks import capture_attention
 from .run import forward, needs_local
 
@@ -68,8 +69,6 @@ def attention(lm: Any, prompt: Any, **encode: Any) -> AttentionMap:
         An ``AttentionMap``.
     """
     import numpy as np
-
-    from ..decode import piece_of
 
     needs_local(lm, "attention capture")
     prompt = lm.encode(prompt, **encode)

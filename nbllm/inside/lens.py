@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from ..decode import piece_of
 from ..tokens import Alternative
 from .hooks import capture_layers, decoder_of
 from .run import forward, needs_local
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["LogitLens", "logit_lens"]
+
+_BLOCK = 1 << 24  # logits per block of layers: 64 MB of float32
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +112,7 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
             ("lps", got.top_logprobs),
         ):
             rows[key].extend(np.split(value, len(layers)))
-    pieces = tuple(_piece(lm, i) for i in prompt.ids)
+    pieces = tuple(piece_of(lm.tokenizer, i, lm.pieces) for i in prompt.ids)
     return LogitLens(
         tokens=pieces,
         ids=tuple(prompt.ids),
@@ -119,14 +122,5 @@ def logit_lens(lm: Any, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitL
         entropy=np.stack(rows["entropy"]),
         top_ids=np.stack(rows["ids"]),
         top_probs=np.exp(np.stack(rows["lps"])),
-        label=lambda i: _piece(lm, i),
+        label=lambda i: piece_of(lm.tokenizer, i, lm.pieces),
     )
-
-
-_BLOCK = 1 << 24  # logits per block of layers: 64 MB of float32
-
-
-def _piece(lm: Any, token: int) -> str:
-    from ..decode import piece_of
-
-    return piece_of(lm.tokenizer, token, lm.pieces)
