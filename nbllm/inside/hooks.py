@@ -18,9 +18,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..sdpa import attention_weights, capture
+from ..sdpa import capture as capture_attention  # the attention hook lives with the C softmax's dispatch
 
-__all__ = ["Decoder", "decoder_of", "capture_layers", "capture_attention", "attention_weights"]
+__all__ = ["Decoder", "decoder_of", "capture_layers", "capture_attention"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,3 @@ def capture_layers(decoder: Decoder) -> Iterator[list[mx.array]]:
         yield outputs
     finally:
         decoder.layers[:] = original
-
-
-def capture_attention() -> Any:
-    """Within the block, each attention call on this thread appends its weights ``(B, heads, L, S)`` (float32)."""
-    return capture()
