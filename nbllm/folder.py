@@ -76,4 +76,7 @@ def cast_weights(model: Any, config: dict[str, Any], dtype: str | None) -> str:
             return stored
         dtype = "float32"
     model.set_dtype(getattr(mx, dtype))
+    # The cast is lazy, scheduled on this thread's stream; MLX ties streams to threads, so
+    # a first generation on another thread (a server's worker) could not evaluate it.
+    mx.eval(model.parameters())
     return stored
