@@ -151,6 +151,11 @@ class Chat:
             ``send(..., progress=callback)`` reports one reply's prefill.
     """
 
+    def __new__(cls, lm: ModelHandle, *args: Any, **kwargs: Any) -> Chat:
+        # A remote model names its own kind of chat (nbllm.remote.chat): Chat(lm) works for both.
+        special = getattr(lm, "chat_class", None) if cls is Chat else None
+        return super().__new__(special if special is not None else cls)
+
     def __init__(
         self,
         lm: ModelHandle,
@@ -368,10 +373,7 @@ class Chat:
             tokens = reply.tokens
             if not keep or not tokens:  # an error, an interrupt, or nothing streamed: no turn
                 return
-            content = "".join(t.text for t in tokens)
-            ids = [t.id for t in tokens if not t.special]
-            exact = same_text(self.lm.decode(ids), content)
-            assistant = Message("assistant", content, tuple(ids) if exact else None)
+            assistant = self._assistant_message(tokens)
             self._messages = reply._base + [reply._user, assistant]
             self._start_at = max(self._start_at, reply._dropped)
             stats = reply.stats
@@ -382,6 +384,13 @@ class Chat:
                 finish_reason=reply.finish_reason,
                 dropped_messages=reply._dropped,
             )
+
+    def _assistant_message(self, tokens: list[Token]) -> Message:
+        """The reply as a message, with its generated ids when they spell its text."""
+        content = "".join(t.text for t in tokens)
+        ids = [t.id for t in tokens if not t.special]
+        exact = same_text(self.lm.decode(ids), content)
+        return Message("assistant", content, tuple(ids) if exact else None)
 
     def _rewind(self) -> None:
         """Trim the cache to what the remaining history shares with it."""

@@ -16,7 +16,7 @@ from .distribution import Distribution
 from .sampling import SamplingParams
 from .tokens import Alternative
 
-__all__ = ["TextAssembler", "describe", "piece_of"]
+__all__ = ["TextAssembler", "describe", "piece_of", "byte_level_text"]
 
 
 class TextAssembler:
@@ -42,7 +42,10 @@ class TextAssembler:
         self._pending = ""
         self.stopped = False
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int, text: str | None = None) -> str:
+        """The text safe to show after ``token_id`` (``text``: what it adds, when the engine says so)."""
+        if text is not None:
+            return self._release(text)
         self._detok.add_token(token_id)
         return self._release(self._detok.last_segment)
 
@@ -116,6 +119,18 @@ def _raw_bytes(tokenizer: Any, token_id: int) -> str | None:
     if all(ch in _BYTES for ch in raw):
         return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
     return None
+
+
+def byte_level_text(raw: str) -> str:
+    """A vocabulary entry as text: ``'ĠParis'`` (byte-level BPE) or ``'▁Paris'`` (SentencePiece) -> ``' Paris'``.
+
+    For servers that report raw vocabulary entries (mlx_lm.server); other text is returned as it is.
+    """
+    if "▁" in raw:
+        return raw.replace("▁", " ")
+    if raw and all(ch in _BYTES for ch in raw):
+        return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
+    return raw
 
 
 def describe(

@@ -74,6 +74,10 @@ class Step:
         from_draft: Speculative decoding: the draft proposed it and the model kept it.
         accepted: Speculative decoding: whether the draft's proposal here was kept
             (``None``: no proposal at this position).
+        finish: The engine says generation ends after this token (a server's
+            ``finish_reason``: servers do not send the end-of-sequence token itself).
+        text: The text this token adds, when the engine knows it better than its
+            piece (a server's streamed content); ``None``: decode the token.
     """
 
     token: int
@@ -82,6 +86,8 @@ class Step:
     masked_prob: float | None = None
     from_draft: bool = False
     accepted: bool | None = None
+    finish: str | None = None
+    text: str | None = None
 
 
 class InUseError(RuntimeError):
@@ -149,10 +155,12 @@ class Engine(Protocol):
 class ModelHandle(Protocol):
     """What the request builder, the stream, the stepper and chat need from a loaded model."""
 
-    name: str
     tokenizer: Any
     vocab_size: int
     pieces: dict[int, str]
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def engine(self) -> Engine: ...

@@ -95,6 +95,9 @@ class TokenStream:
     def cancel(self) -> None:
         """End after the current token (``finish_reason='cancelled'``); safe from any thread."""
         self._state.cancelled = True
+        interrupt = getattr(self._run, "interrupt", None)  # a remote run closes its HTTP stream at once
+        if interrupt is not None:
+            interrupt()
 
     @property
     def cancelled(self) -> bool:
@@ -184,7 +187,9 @@ def _loop(run: Any, request: Request, lm: ModelHandle, state: _State) -> Any:
                 stats.cached_tokens = run.cached_tokens
                 stats.time_to_first_token = first - tic
                 stats.prompt_tps = (len(request.prompt) - stats.cached_tokens) / max(first - tic, 1e-9)
-            finish, piece = _finish(step.token in eos, text, step.token, n, request.max_tokens, state.cancelled)
+            finish, piece = _finish(step, step.token in eos, text, n, request.max_tokens, state.cancelled)
+            if finish is None and step.finish is not None:
+                finish, piece = step.finish, piece + text.flush()
             token = _record(step, n, piece, finish, lm, params, k)
             stats.generated_tokens = n + 1
             if n > 0:
@@ -213,16 +218,26 @@ def _loop(run: Any, request: Request, lm: ModelHandle, state: _State) -> Any:
                 counts.accepted,
                 counts.rounds,
             )
+        _server_figures(run, stats)
         if state.ended is None and (not state.tokens or state.tokens[-1].finish_reason is None):
-            state.ended = "cancelled"
+            state.ended = getattr(run, "ended", None) or "cancelled"
         stats.peak_memory_gb = _peak_memory_gb()
 
 
+def _server_figures(run: Any, stats: Stats) -> None:
+    """A server reports the prompt's size and its cache hits when the reply ends (``usage``)."""
+    prompt_tokens = getattr(run, "prompt_tokens", None)
+    if prompt_tokens is not None:
+        stats.prompt_tokens, stats.cached_tokens = prompt_tokens, run.cached_tokens
+        new = prompt_tokens - run.cached_tokens
+        stats.prompt_tps = new / max(stats.time_to_first_token, 1e-9) if stats.time_to_first_token else 0.0
+
+
 def _finish(
-    is_eos: bool, text: TextAssembler, token: int, n: int, max_tokens: int, cancelled: bool
+    step: Step, is_eos: bool, text: TextAssembler, n: int, max_tokens: int, cancelled: bool
 ) -> tuple[str | None, str]:
     """The finish reason at token ``n`` (or ``None``) and the text this token releases."""
-    piece = "" if is_eos else text.add(token)
+    piece = "" if is_eos else text.add(step.token, step.text)
     finish = None
     if is_eos:
         finish = "stop"

@@ -35,12 +35,15 @@ class OutputSpec:
         grammar: The llguidance grammar text.
         parse: Turns the finished text into the value (Pydantic instance, dict, str...).
         label: Short human description, e.g. ``schema Person`` or ``regex '\\d+'``.
+        source: What was asked for, in the form servers take it: the JSON Schema
+            dict, the pattern, the list of choices or the grammar text.
     """
 
     kind: str
     grammar: str
     parse: Callable[[str], Any]
     label: str
+    source: Any = None
 
 
 def output_spec(
@@ -66,13 +69,13 @@ def output_spec(
     if kind == "json":
         if value is not True:
             raise TypeError(f"json: expected True (any JSON object; use schema= for a schema), got {value!r}")
-        return OutputSpec("json", _json_grammar({"type": "object"}), _json.loads, "any JSON object")
+        return OutputSpec("json", _json_grammar({"type": "object"}), _json.loads, "any JSON object", {"type": "object"})
     if kind == "schema":
         return _schema_spec(value)
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise TypeError(f"regex: expected a non-empty pattern string, got {value!r}")
-        return OutputSpec("regex", llg.grammar_from("regex", value), str, f"regex {value!r}")
+        return OutputSpec("regex", llg.grammar_from("regex", value), str, f"regex {value!r}", value)
     if kind == "choices":
         if (
             isinstance(value, (str, bytes))
@@ -82,14 +85,14 @@ def output_spec(
         ):
             raise TypeError(f"choices: expected a non-empty list of non-empty strings, got {value!r}")
         lark = "start: " + " | ".join(_lark_literal(c) for c in value)
-        return OutputSpec("choices", llg.grammar_from("lark", lark), str, f"choices {list(value)!r}")
+        return OutputSpec("choices", llg.grammar_from("lark", lark), str, f"choices {list(value)!r}", list(value))
     if not isinstance(value, str) or not value.strip():
         raise TypeError(f"grammar: expected a Lark (or GBNF) grammar string, got {value!r}")
     try:
         text = llg.grammar_from("grammar", value)  # Lark as is; GBNF converted to Lark
     except ValueError as e:
         raise ValueError(f"grammar: invalid grammar: {e}") from None
-    return OutputSpec("grammar", text, str, "grammar")
+    return OutputSpec("grammar", text, str, "grammar", text)
 
 
 def _unwrap_outlines(kind: str, value: Any) -> tuple[str, Any]:
@@ -149,7 +152,11 @@ def _json_grammar(schema: Mapping[str, Any]) -> str:
 def _schema_spec(schema: Any) -> OutputSpec:
     if isinstance(schema, Mapping):
         return OutputSpec(
-            "schema", _json_grammar(dict(schema)), _json.loads, f"schema {schema.get('title', '')}".strip()
+            "schema",
+            _json_grammar(dict(schema)),
+            _json.loads,
+            f"schema {schema.get('title', '')}".strip(),
+            dict(schema),
         )
     if isinstance(schema, str):
         try:
@@ -164,9 +171,9 @@ def _schema_spec(schema: Any) -> OutputSpec:
     from pydantic import BaseModel, TypeAdapter
 
     if isinstance(schema, type) and issubclass(schema, BaseModel):
-        model = schema
+        described = schema.model_json_schema()
         return OutputSpec(
-            "schema", _json_grammar(model.model_json_schema()), model.model_validate_json, f"schema {model.__name__}"
+            "schema", _json_grammar(described), schema.model_validate_json, f"schema {schema.__name__}", described
         )
     try:  # dataclasses, TypedDicts, list[int], Literal[...]: anything Pydantic can describe
         adapter = TypeAdapter(schema)
@@ -175,9 +182,8 @@ def _schema_spec(schema: Any) -> OutputSpec:
         raise TypeError(
             f"schema: expected a Pydantic model class, a JSON Schema dict or JSON string, got {schema!r}"
         ) from None
-    return OutputSpec(
-        "schema", _json_grammar(described), adapter.validate_json, f"schema {getattr(schema, '__name__', schema)}"
-    )
+    label = f"schema {getattr(schema, '__name__', schema)}"
+    return OutputSpec("schema", _json_grammar(described), adapter.validate_json, label, described)
 
 
 class _TokenizerEntry:

@@ -206,6 +206,9 @@ def _constraint(lm: ModelHandle, constraint: Any, options: dict[str, Any]) -> An
         return constraint
     if constraint is not None or len(spec) > 1:
         raise ValueError(f"expected at most one of constraint/schema/json/regex/choices/grammar, got {sorted(spec)}")
+    server = getattr(lm, "server_constraint", None)  # a remote model: the server enforces it
+    if server is not None:
+        return server(**spec)
     from .structured import make_constraint
 
     return make_constraint(lm, **spec)

@@ -202,7 +202,8 @@ class Stepper:
             if not ids:
                 raise ValueError(f"choose: expected text of at least one token, got {token!r}")
             return ids
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+        known = token in self.lm.pieces  # a remote model's local keys are negative (nbllm.remote.vocab)
+        if not isinstance(token, int) or isinstance(token, bool) or not (0 <= token < vocab or known):
             raise ValueError(f"choose: expected a token id in [0, {vocab}) or text, got {token!r}")
         return [token]
 
