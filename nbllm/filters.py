@@ -23,7 +23,7 @@ import numpy as np
 from .distribution import as_numpy
 from .sampling import SamplingParams
 
-__all__ = ["Shaped", "branches", "sampled_probs", "sampled_distribution", "shape_distribution"]
+__all__ = ["Shaped", "branches", "sampled_probs", "sampled_distribution", "shape_distribution", "shape_known"]
 
 
 def _deterministic(lp: np.ndarray, params: SamplingParams, cut: np.ndarray | None) -> np.ndarray:
@@ -155,6 +155,12 @@ class Shaped:
         rest_sampled: Sampled probability of all tokens outside ``ids``.
         survivors: How many tokens of the whole vocabulary can still be sampled.
         vocab_size: Size of the vocabulary.
+        known: When only the top entries were known (a server's ``top_logprobs``):
+            how many; ``None`` for a full vector. Then ``rest_model`` is exact,
+            ``survivors`` and ``rest_sampled`` assume the worst case for the
+            unknown rest (each of its tokens as likely as the least likely known
+            one), and the known tokens' sampled probabilities are exact when
+            the filters cut the rest away, otherwise estimates under that case.
     """
 
     ids: tuple[int, ...]
@@ -166,6 +172,7 @@ class Shaped:
     rest_sampled: float
     survivors: int
     vocab_size: int
+    known: int | None = None
 
 
 def shape_distribution(
@@ -201,4 +208,54 @@ def shape_distribution(
         rest_sampled=max(0.0, float(sampled.sum() - sampled[top].sum())),
         survivors=int(np.logical_or.reduce([keep for _, keep in parts]).sum()),
         vocab_size=n,
+    )
+
+
+_FILLERS_MAX = 1_000_000
+
+
+def shape_known(
+    top: list[tuple[int, float]], params: SamplingParams, *, k: int = 10, label: Callable[[int], str] = str
+) -> Shaped:
+    """``shape_distribution`` when only the most likely entries are known (a server's alternatives).
+
+    The unknown rest (``1 - sum`` of the known probabilities, exact) is filled
+    with tokens each as likely as the least likely known one, the most it can
+    be, so the filters see a whole distribution in its worst case; the rows
+    shown are the known tokens only (see ``Shaped.known``).
+
+    Args:
+        top: ``[(token id, logprob), ...]``, the known entries.
+        params: The settings to apply.
+        k: Rows to report (at most the known entries).
+        label: Token id to display text.
+    """
+    if not top:
+        raise ValueError("shape_known: expected at least one known entry")
+    ids = [i for i, _ in top]
+    lp = np.array([v for _, v in top], dtype=np.float64)
+    probs = np.exp(lp)
+    rest = max(0.0, 1.0 - float(probs.sum()))
+    floor = float(probs.min())
+    fillers = min(math.ceil(rest / floor - 1e-9) if rest > 1e-9 and floor > 0 else 0, _FILLERS_MAX)
+    pad = np.full(fillers, math.log(floor), dtype=np.float64)
+    if fillers:
+        pad[-1] = math.log(max(rest - floor * (fillers - 1), 1e-30))
+    vector = np.concatenate([lp, pad]).astype(np.float32)
+    shaped = shape_distribution(
+        vector, params, k=min(k, len(ids)), label=lambda j: label(ids[j]) if j < len(ids) else ""
+    )
+    known_rows = [j for j in shaped.ids if j < len(ids)]
+    rows = [shaped.ids.index(j) for j in known_rows]
+    return Shaped(
+        ids=tuple(ids[j] for j in known_rows),
+        labels=tuple(shaped.labels[r] for r in rows),
+        model_probs=tuple(float(probs[j]) for j in known_rows),
+        sampled_probs=tuple(shaped.sampled_probs[r] for r in rows),
+        cut_by=tuple(shaped.cut_by[r] for r in rows),
+        rest_model=max(0.0, 1.0 - sum(float(probs[j]) for j in known_rows)),
+        rest_sampled=max(0.0, 1.0 - sum(shaped.sampled_probs[r] for r in rows)),
+        survivors=shaped.survivors,
+        vocab_size=len(ids) + fillers,
+        known=len(ids),
     )

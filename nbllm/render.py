@@ -177,11 +177,26 @@ def distribution_html(shaped: Shaped, *, chosen: int | None = None, style: bool 
     for i, lab, pm, ps, cut in zip(shaped.ids, shaped.labels, shaped.model_probs, shaped.sampled_probs, shaped.cut_by):
         rows.append(_dist_row(_piece(lab) + (" ◂" if i == chosen else ""), pm, ps, cut, peak, cut != ""))
     rest_n = shaped.vocab_size - len(shaped.ids)
-    rows.append(_dist_row(f"rest ({rest_n} tokens)", shaped.rest_model, shaped.rest_sampled, "", peak, False, "rest"))
+    rest_label = f"rest ({rest_n} tokens)"
+    if shaped.known is not None:
+        hidden = shaped.known - len(shaped.ids)
+        rest_label = f"rest ({hidden} known, the others unknown)" if hidden else "rest (unknown tokens)"
+    rows.append(_dist_row(rest_label, shaped.rest_model, shaped.rest_sampled, "", peak, False, "rest"))
     head = "<tr><td><b>token</b></td><td><b>model</b></td><td><b>sampled</b></td><td></td></tr>"
     caption = f"{shaped.survivors} of {shaped.vocab_size} tokens can be sampled"
+    if shaped.known is not None:
+        caption = known_caption(shaped)
     table = f"<table class='nbllm-dist'><caption style='text-align:left;color:#666'>{caption}</caption>{head}{''.join(rows)}</table>"
     return (STYLE if style else "") + table
+
+
+def known_caption(shaped: Shaped) -> str:
+    """What a top-k-only chart can say: the known tokens, and the rest as unknown but bounded."""
+    return (
+        f"only the server's top {shaped.known} tokens are known; the rest ({shaped.rest_model:.1%} of the model's "
+        "probability) is unknown, each of its tokens at most as likely as the last known one: the sliders reshape "
+        "the known tokens, and the rest's sampled share assumes that worst case"
+    )
 
 
 def _dist_row(label: str, pm: float, ps: float, cut: str, peak: float, is_cut: bool, cls: str = "") -> str:

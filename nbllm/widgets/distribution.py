@@ -11,8 +11,8 @@ from traitlets import Float, Int, observe, validate
 
 from .. import render
 from ..decode import piece_of
-from ..distribution import as_numpy
-from ..filters import Shaped, shape_distribution
+from ..distribution import Distribution, as_numpy
+from ..filters import Shaped, shape_distribution, shape_known
 from ..sampling import SamplingParams
 
 __all__ = ["DistributionView"]
@@ -26,7 +26,9 @@ class DistributionView(widgets.VBox):
     mlx-lm's order: top-p, min-p, top-k, then temperature.
 
     Args:
-        logprobs: Model log-probabilities, shape ``(vocab,)`` (numpy or mlx).
+        logprobs: Model log-probabilities, shape ``(vocab,)`` (numpy or mlx), or a
+            ``Distribution`` (one that knows only its top entries, from a server,
+            is drawn with its rest as unknown but bounded; see ``filters.shape_known``).
         label: Token id to text; or an ``LM`` (its tokenizer is used).
         temperature: Initial temperature (0 = greedy).
         top_k: Initial top-k (0 = off).
@@ -59,10 +61,10 @@ class DistributionView(widgets.VBox):
         **kwargs: Any,
     ):
         self._label = _labeler(label)
-        self._logprobs = as_numpy(logprobs)
+        self._logprobs, self._top = _vector_or_top(logprobs)
         self.shaped: Shaped | None = None
         self.chosen: int | None = None
-        vocab = self._logprobs.shape[0]
+        vocab = len(self._top) if self._logprobs is None else self._logprobs.shape[0]
         style = {"description_width": "90px"}
         top_k_max = min(vocab, 200)
         self.sliders = {
@@ -84,8 +86,9 @@ class DistributionView(widgets.VBox):
         for name, slider in self.sliders.items():
             widgets.link((slider, "value"), (self, name))
         self._chart = widgets.HTML()
+        self._note = widgets.HTML()
         head = [widgets.HTML(_prompt_html(prompt, label))] if prompt is not None else []
-        self.children = [*head, *self.sliders.values(), self._chart]
+        self.children = [*head, self._note, *self.sliders.values(), self._chart]
         self.add_class("nbllm-distribution")
         self.redraw()
 
@@ -106,13 +109,13 @@ class DistributionView(widgets.VBox):
         return min(max(int(proposal["value"]), 0), self.sliders["top_k"].max if hasattr(self, "sliders") else 10**9)
 
     @property
-    def logprobs(self) -> np.ndarray:
-        """The stored distribution (numpy, float32)."""
+    def logprobs(self) -> np.ndarray | None:
+        """The stored distribution (numpy, float32); ``None`` when only its top entries are known."""
         return self._logprobs
 
     def set_logprobs(self, logprobs: Any, chosen: int | None = None) -> None:
-        """Show a new distribution (e.g. the stepper's next position)."""
-        self._logprobs = as_numpy(logprobs)
+        """Show a new distribution (e.g. the stepper's next position): a vector or a ``Distribution``."""
+        self._logprobs, self._top = _vector_or_top(logprobs)
         self.chosen = chosen
         self.redraw()
 
@@ -124,7 +127,15 @@ class DistributionView(widgets.VBox):
     def redraw(self) -> None:
         """Recompute the survivors from the stored vector and redraw the chart."""
         params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
-        self.shaped = shape_distribution(self._logprobs, params, k=self.k, label=self._label)
+        if self._logprobs is None:
+            self.shaped = shape_known(self._top, params, k=self.k, label=self._label)
+            self._note.value = (
+                f"<i>the server returned only its top {len(self._top)} tokens: the sliders reshape those, "
+                "the rest stays unknown</i>"
+            )
+        else:
+            self.shaped = shape_distribution(self._logprobs, params, k=self.k, label=self._label)
+            self._note.value = ""
         self.survivors = self.shaped.survivors
         self._chart.value = render.distribution_html(self.shaped, chosen=self.chosen)
 
@@ -141,6 +152,18 @@ class DistributionView(widgets.VBox):
         )
         data["text/html"] = self._chart.value
         return data
+
+
+def _vector_or_top(logprobs: Any) -> tuple[np.ndarray | None, list[tuple[int, float]]]:
+    """A full vector as numpy, or (``None``, the known top entries) for a top-k-only distribution."""
+    if isinstance(logprobs, Distribution):
+        if logprobs.full:
+            return logprobs.numpy(), []
+        top = logprobs.top(10**6)
+        if not top:
+            raise ValueError("the server returned no alternatives for this position; nothing to draw")
+        return None, top
+    return as_numpy(logprobs), []
 
 
 def _labeler(label: Any) -> Callable[[int], str]:

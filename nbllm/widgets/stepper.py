@@ -66,7 +66,7 @@ class StepperWidget(widgets.VBox):
             button.on_click(lambda b: self._click(lambda: self._on_alternative(b)))
         params = stepper.params
         self.distribution = DistributionView(
-            stepper.logprobs,
+            stepper.distribution,
             label=stepper.lm,
             temperature=params.temperature,
             top_k=params.top_k,
@@ -198,7 +198,7 @@ class StepperWidget(widgets.VBox):
                 button.token_id = None
                 button.layout.display = "none"
         last = s.tokens[-1].id if s.tokens and s.done else None
-        self.distribution.set_logprobs(s.logprobs, chosen=last)
+        self.distribution.set_logprobs(s.distribution, chosen=last)
 
     def to_html(self) -> str:
         """Static HTML of the current state."""
