@@ -16,6 +16,7 @@ from .inside import AttentionMap, Comparison, LogitLens, Scored, compare  # noqa
 from .loading import load  # noqa: E402
 from .model import LM, ModelInfo  # noqa: E402
 from .prompt import Prompt  # noqa: E402
+from .remote import RemoteLM, connect  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .stepper import Stepper  # noqa: E402
 from .structured import Constraint, StructuredOutputError, make_constraint  # noqa: E402
@@ -43,6 +44,8 @@ __all__ = [
     "ModelInfo",
     "Prompt",
     "load",
+    "connect",
+    "RemoteLM",
     "stream",
     "generate",
     "TokenStream",

@@ -1,0 +1,236 @@
+"""A remote server behind the engine seam: the same ``Run`` the token loop and the stepper drive.
+
+``generate`` streams one request and turns each chunk's token entries into
+``Step`` records (a chunk's text is one step when the server streams no
+logprobs); when the server gives alternatives only without streaming (mlx_lm
+.server) and they were asked for, it makes one non-streamed request instead
+and yields its tokens at the end. The stepper's moves are one ``max_tokens=1``
+request per position on the text so far; the distributions of the positions
+already visited are kept, so ``back`` costs nothing and ``branch`` copies lists.
+
+A server ends a reply with ``finish_reason`` rather than an end-of-sequence
+token; ``stop`` becomes a last record with the local key ``END`` (no text,
+logprob unknown), as an in-process stream ends with its EOS record.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from ..distribution import Distribution
+from ..engine import Cancelled, Request, Step
+from .caps import Capabilities
+from .http import Client, EventStream
+from .vocab import RemoteTokenizer
+from .wire import Entry, entries_of, logprob_fields, sampling_fields, text_of, usage_of
+
+__all__ = ["RemoteEngine", "RemoteRun"]
+
+
+class RemoteEngine:
+    """Starts runs on one server for one model."""
+
+    def __init__(self, client: Client, caps: Callable[[], Capabilities], vocab: RemoteTokenizer):
+        self.client, self._caps, self.vocab = client, caps, vocab
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._caps()
+
+    def start(self, request: Request, cache: Any = None, owner: Any = None) -> RemoteRun:
+        if cache is not None:
+            raise ValueError("prompt_cache: a remote model keeps its cache on the server; expected None")
+        caps = self.caps
+        if request.logits_processors:
+            raise ValueError(caps.lacks("logits_processors run in this process; they need a local model"))
+        if request.top_logprobs > caps.max_top_logprobs:
+            most = caps.max_top_logprobs
+            raise ValueError(
+                caps.lacks(f"top_logprobs: expected at most {most} (what it returns), got {request.top_logprobs}")
+            )
+        if request.draft_model is not None:
+            raise ValueError(caps.lacks("speculative decoding with draft_model= needs a local model"))
+        return RemoteRun(self, request)
+
+
+class RemoteRun:
+    """One position over a remote prompt: the ids taken so far and each visited position's distribution."""
+
+    def __init__(self, engine: RemoteEngine, request: Request):
+        self._engine, self.request = engine, request
+        self.constraint = request.constraint
+        self.cached_tokens = 0
+        self.prompt_tokens: int | None = None
+        self.ended: str | None = None
+        self.ids: list[int] = list(request.prompt.ids)
+        self._positions: list[tuple[Distribution, int]] = []  # per visited position: (dist, server's draw)
+        self._stream: EventStream | None = None
+
+    # -- the fast loop -------------------------------------------------------------
+    def generate(self, cancelled: Callable[[], bool]) -> Generator[Step, None, None]:
+        caps, k = self._engine.caps, self.request.top_logprobs
+        body = self._body(self.request.max_tokens, k if caps.max_top_logprobs else None)
+        if k and not caps.streamed_logprobs:  # alternatives only without streaming (mlx_lm.server)
+            reply = self._engine.client.post(self._path, body)
+            self._note_usage(reply)
+            for step in self._steps(reply):
+                if cancelled():
+                    raise Cancelled
+                yield step
+            return
+        body["stream_options"] = {"include_usage": True}
+        held: Step | None = None
+        self._stream = self._engine.client.stream(self._path, body)
+        try:
+            for event in self._stream:
+                self._note_usage(event)
+                for step in self._steps(event):
+                    if held is not None:
+                        yield held
+                    held = step
+                if cancelled() and held is not None and held.finish is None:
+                    break
+        finally:
+            self._stream.close()
+            self._stream = None
+        if held is not None:
+            yield held
+
+    def interrupt(self) -> None:
+        """Close the HTTP stream now (a Stop button); the loop then ends with what has arrived."""
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    def _steps(self, reply: dict[str, Any]) -> list[Step]:
+        """The steps one event (or a whole reply) carries; a finish marks the last one, or adds ``END``."""
+        choices = reply.get("choices") or []
+        if not choices:
+            return []
+        choice, vocab, caps = choices[0], self._engine.vocab, self._engine.caps
+        entries = entries_of(choice, caps.raw_pieces)
+        text = text_of(choice)
+        if not entries and text:
+            entries = [Entry(text, None, None)]
+        texts = _texts(entries, text)
+        steps = []
+        for e, t in zip(entries, texts):
+            steps.append(Step(vocab.key(e.piece, e.id), _dist(e, vocab), text=t))
+            if e.special:
+                vocab.mark_end(steps[-1].token)
+        finish = choice.get("finish_reason")
+        if finish == "stop":
+            if not steps or steps[-1].token not in vocab.eos_token_ids:
+                steps.append(Step(vocab.END, Distribution(top=[], vocab_size=None)))
+        elif finish:
+            if steps:
+                steps[-1] = Step(steps[-1].token, steps[-1].dist, finish=str(finish))
+            else:
+                self.ended = str(finish)
+        return steps
+
+    # -- the stepper's moves ---------------------------------------------------------
+    def prefill(self, cancelled: Callable[[], bool] | None = None) -> None:
+        if not self._positions:
+            self._positions.append(self._fetch())
+
+    def distribution(self) -> Distribution:
+        return self._positions[len(self.ids) - len(self.request.prompt)][0]
+
+    def sample(self) -> int:
+        return self._positions[len(self.ids) - len(self.request.prompt)][1]
+
+    def advance(self, token: int) -> Step:
+        dist = self.distribution()
+        self.ids.append(token)
+        try:
+            if token not in self._engine.vocab.eos_token_ids:
+                self._positions.append(self._fetch())
+        except BaseException:
+            self.ids.pop()
+            raise
+        return Step(token, dist)
+
+    def trim(self, n: int) -> None:
+        if n:
+            del self.ids[len(self.ids) - n :]
+            del self._positions[len(self.ids) - len(self.request.prompt) + 1 :]
+
+    def fork(self) -> RemoteRun:
+        twin = copy.copy(self)
+        twin.ids, twin._positions, twin._stream = list(self.ids), list(self._positions), None
+        return twin
+
+    def close(self) -> None:
+        self.interrupt()
+
+    def _fetch(self) -> tuple[Distribution, int]:
+        """The next position's distribution and the server's draw from it: one ``max_tokens=1`` request."""
+        caps = self._engine.caps
+        k = min(max(self.request.top_logprobs, 1), caps.max_top_logprobs)
+        if caps.max_top_logprobs == 0:
+            raise ValueError(caps.lacks("it returns no logprobs, so its distributions cannot be shown"))
+        reply = self._engine.client.post(self._path, self._body(1, k))
+        self._note_usage(reply)
+        steps = self._steps(reply)
+        return steps[0].dist, steps[0].token  # the first token, or END when the server ended the reply here
+
+    # -- requests --------------------------------------------------------------------
+    @property
+    def _path(self) -> str:
+        return "/completions" if self.request.prompt.continuation else "/chat/completions"
+
+    def _body(self, max_tokens: int, k: int | None) -> dict[str, Any]:
+        caps, prompt, request = self._engine.caps, self.request.prompt, self.request
+        body: dict[str, Any] = {"model": caps.model, "max_tokens": max_tokens}
+        body.update(sampling_fields(request.params, request.logit_bias))
+        if request.stop:
+            body["stop"] = list(request.stop)
+        taken = self._engine.vocab.decode(self.ids[len(prompt) :])
+        if prompt.continuation:
+            if not caps.completions:
+                raise ValueError(caps.lacks("no raw completions (/v1/completions); use a chat prompt (raw=False)"))
+            text = getattr(prompt, "text", None)
+            body["prompt"] = (text + taken) if text is not None else list(prompt.ids)
+            if text is None and taken:
+                raise ValueError(caps.lacks("a token-id prompt can be stepped only before its first token"))
+        else:
+            messages = list(getattr(prompt, "messages", ()) or ())
+            if taken:
+                if not caps.prefill:
+                    raise ValueError(
+                        caps.lacks("it cannot continue a partial reply; step through a raw prompt (raw=True)")
+                    )
+                messages.append({"role": "assistant", "content": taken})
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            body["messages"] = messages
+        if k is not None:
+            body.update(logprob_fields(not prompt.continuation, k, legacy_int=caps.kind not in ("mlx_lm", "nbllm")))
+        if self.constraint is not None:
+            body.update(self.constraint.fields(caps))
+        return body
+
+    def _note_usage(self, event: dict[str, Any]) -> None:
+        usage = usage_of(event)
+        if usage is not None:
+            self.prompt_tokens, self.cached_tokens = usage
+
+
+def _texts(entries: list[Entry], text: str) -> Sequence[str | None]:
+    """The text each entry adds: the chunk's content is the truth (a piece may be a partial character)."""
+    if len(entries) == 1:
+        return [text]
+    if "".join(e.piece for e in entries if not e.special) == text:
+        return [None] * len(entries)
+    return [""] * (len(entries) - 1) + [text]  # cannot be split: all of it with the last token
+
+
+def _dist(entry: Entry, vocab: RemoteTokenizer) -> Distribution:
+    """The position's known entries: the alternatives, and the taken token when it is not among them."""
+    top = [(vocab.key(p, i), lp) for p, i, lp in entry.top]
+    own = vocab.key(entry.piece, entry.id)
+    if entry.logprob is not None and all(t != own for t, _ in top):
+        top.append((own, entry.logprob))
+    return Distribution(top=top, vocab_size=None)
