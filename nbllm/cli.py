@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--alternatives", type=int, default=3, help="alternatives shown per token")
 
+    s = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    s.add_argument("model", nargs="?", default=None, help="local folder or hub id (default: the embedded model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request")
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait (more get 503)")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
+    s.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (default: data URIs only)")
+
     i = sub.add_parser("info", help="describe a model")
     i.add_argument("-m", "--model", default=None)
 
@@ -89,6 +98,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import nbllm
+
+    from .serve import create_app
+
+    lm = nbllm.load(args.model)
+    app = create_app(
+        lm,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        allow_image_urls=args.allow_image_urls,
+    )
+    print(f"nbllm serve: {lm.name} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -116,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nbllm`` command."""
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "info": _info, "lab": _lab}[args.command](args)
+        return {"generate": _generate, "info": _info, "lab": _lab, "serve": _serve}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:
         print(f"nbllm: error: {err}", file=sys.stderr)
         return 2
