@@ -46,7 +46,9 @@ class Registry:
     def model(self, name: str | None, load: Callable[[str | None], Any], default: str | None) -> Any:
         """The model for a cell: ``name`` (loaded now if it is not), else the selected one, else ``default``."""
         if name:
-            return self.models[name] if name in self.models else self.add(load(name))
+            # a server is registered under its URL, so the next cell with the same -m URL finds it
+            alias = name if name.startswith(("http://", "https://")) else None
+            return self.models[name] if name in self.models else self.add(load(name), alias)
         if self.current is None:
             lm = self.add(load(default))
             self.current = lm.name

@@ -25,7 +25,7 @@ __all__ = ["LLMMagics", "load_ipython_extension", "unload_ipython_extension"]
 
 # What the core raises for the user's mistakes while checking a request or loading a model (before
 # anything runs): shown as one line. Anything raised while generating is a bug and keeps its traceback.
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, InUseError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, PermissionError, InUseError)
 
 
 @magics_class
@@ -56,7 +56,9 @@ class LLMMagics(Magics):
 
     # -- %llm ---------------------------------------------------------------
     @magic_arguments("llm")
-    @argument("action", nargs="?", default="info", help="info | load | use | list | unload | chat | reset | help")
+    @argument(
+        "action", nargs="?", default="info", help="info | load | connect | use | list | unload | chat | reset | help"
+    )
     @argument("target", nargs="?", help="model path or hub id (load), or a loaded model's name (use, unload)")
     @argument("--as", dest="alias", help="name to register a loaded model under")
     @argument("-h", "--help", action="store_true", help="show this help and the %%llm flags")
@@ -64,7 +66,8 @@ class LLMMagics(Magics):
     def llm(self, line: str) -> Any:
         """Manage models and the notebook's conversation.
 
-        ``%llm load PATH_OR_ID`` load and select a model · ``%llm use NAME``
+        ``%llm load PATH_OR_ID`` load and select a model · ``%llm connect URL``
+        use a model on an OpenAI-compatible server · ``%llm use NAME``
         select a loaded one · ``%llm`` / ``%llm info`` show the model ·
         ``%llm list`` · ``%llm unload NAME`` · ``%llm chat`` open the chat
         widget on the notebook's conversation · ``%llm reset`` forget it.
@@ -78,6 +81,12 @@ class LLMMagics(Magics):
                 raise UsageError("%llm load: expected a model path or hub id, got nothing")
             lm = self.registry.add(self._load(args.target), args.alias)
             self.registry.current = args.alias or lm.name
+            return lm
+        elif action == "connect":
+            if not args.target or not args.target.startswith(("http://", "https://")):
+                raise UsageError(f"%llm connect: expected a server URL (http://host:port), got {args.target!r}")
+            lm = self.registry.add(self._load(args.target), args.alias or args.target)
+            self.registry.current = args.alias or args.target
             return lm
         elif action == "use":
             self.registry.select(args.target)
@@ -103,7 +112,9 @@ class LLMMagics(Magics):
             chat = _user_errors(lambda: self.registry.conversation(self._lm(None), None))
             return _user_errors(lambda: ChatWidget(chat, max_rate=self.max_rate))
         else:
-            raise UsageError(f"%llm: expected one of info, load, use, list, unload, chat, reset, help; got {action!r}")
+            raise UsageError(
+                f"%llm: expected one of info, load, connect, use, list, unload, chat, reset, help; got {action!r}"
+            )
         return None
 
     # -- %%llm ---------------------------------------------------------------
@@ -302,10 +313,21 @@ class LLMMagics(Magics):
     def _load(self, target: str | None) -> Any:
         from .loading import load
 
+        if target is not None and target.startswith(("http://", "https://")):
+            return self._connect(target)
         label = target or "the embedded default model"
         status = self._status(f"loading {label}…")
         lm = _user_errors(lambda: load(target))
         self._status(f"loaded {lm.name} in {lm.info.load_seconds:.1f} s", status)
+        return lm
+
+    def _connect(self, url: str) -> Any:
+        from .remote import connect
+
+        status = self._status(f"connecting to {url}…")
+        lm = _user_errors(lambda: connect(url))
+        caps = _user_errors(lambda: lm.caps)  # ask now, so a wrong URL fails here in one line
+        self._status(f"connected: {caps.model} on a {caps.kind} server at {lm.client.base_url}", status)
         return lm
 
     def _widgets(self) -> bool:
