@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,10 +29,11 @@ HOST = "127.0.0.1"
 class Process:
     """A server in its own process (``nbllm serve`` or ``mlx_lm.server``)."""
 
-    def __init__(self, argv: list[str], port: int, log: Path):
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None):
         self.port, self.log = port, log
         self._out = open(log, "wb")  # noqa: SIM115  (closed by stop())
-        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT)
+        environ = dict(os.environ, **(env or {}))
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=environ)
         self.wait_ready()
 
     @property
@@ -77,9 +79,12 @@ def nbllm_serve(model: str | Path | None, log: Path, port: int | None = None, *e
 
 
 def mlx_lm_server(model: Path, log: Path) -> Process:
+    """mlx-lm's own server. Its /v1/models scans the hub cache and fails when there is none, so it gets an empty one."""
     port = free_port()
+    cache = log.parent / "hub-cache"
+    cache.mkdir(exist_ok=True)
     argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--host", HOST, "--port", str(port)]
-    return Process(argv, port, log)
+    return Process(argv, port, log, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
 
 
 # -- a server that misbehaves on demand --------------------------------------------------------

@@ -87,7 +87,12 @@ def probe(client: Client, model: str | None) -> Capabilities:
         ConnectionError: The server is not there or does not speak the API.
         ValueError: ``model`` is not one it serves (when it lists them).
     """
-    kind, ids = kind_of(client.get("/models"))
+    try:
+        kind, ids = kind_of(client.get("/models"))
+    except (ConnectionError, ValueError) as err:
+        if model is None:
+            raise ValueError(f"{client.base_url}: the server did not list its models ({err}); pass model=") from None
+        kind, ids = "unknown", []
     if model is None:
         if not ids:
             raise ValueError(f"{client.base_url}: the server lists no models; pass model=")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..distribution import Distribution
@@ -112,6 +113,8 @@ class RemoteRun:
         choice, vocab, caps = choices[0], self._engine.vocab, self._engine.caps
         entries = entries_of(choice, caps.raw_pieces)
         text = text_of(choice)
+        if caps.kind == "mlx_lm" and any(e.top for e in entries):
+            entries = self._mlx_lm_entries(entries, text)
         if not entries and text:
             entries = [Entry(text, None, None)]
         texts = _texts(entries, text)
@@ -126,10 +129,29 @@ class RemoteRun:
                 steps.append(Step(vocab.END, Distribution(top=[], vocab_size=None)))
         elif finish:
             if steps:
-                steps[-1] = Step(steps[-1].token, steps[-1].dist, finish=str(finish))
+                steps[-1] = replace(steps[-1], finish=str(finish))
             else:
                 self.ended = str(finish)
         return steps
+
+    def _mlx_lm_entries(self, entries: list[Entry], text: str) -> list[Entry]:
+        """mlx_lm.server (0.32) names an arbitrary one of the top alternatives as each position's token.
+
+        Greedy decoding took the most likely one; one sampled token is the one
+        whose text is the reply's. Several sampled tokens cannot be told apart.
+        """
+        if self.request.params.greedy:
+            return [Entry(*max(e.top, key=lambda t: t[2]), e.top) for e in entries]
+        if len(entries) == 1:
+            match = [t for t in entries[0].top if t[0] == text]
+            piece, sid, lp = match[0] if match else (text, None, None)
+            return [Entry(piece, sid, lp, entries[0].top)]
+        raise ValueError(
+            self._engine.caps.lacks(
+                "with sampling it reports alternatives but not which token was taken; "
+                "use temperature=0, or top_logprobs=0"
+            )
+        )
 
     # -- the stepper's moves ---------------------------------------------------------
     def prefill(self, cancelled: Callable[[], bool] | None = None) -> None:
@@ -172,9 +194,11 @@ class RemoteRun:
         k = min(max(self.request.top_logprobs, 1), caps.max_top_logprobs)
         if caps.max_top_logprobs == 0:
             raise ValueError(caps.lacks("it returns no logprobs, so its distributions cannot be shown"))
-        reply = self._engine.client.post(self._path, self._body(1, k))
+        # mlx_lm.server 0.32 fails ("empty prompt", and its generation thread dies) when a prompt is
+        # exactly a sequence it cached, which one max_tokens=1 request after another makes: ask for 2.
+        reply = self._engine.client.post(self._path, self._body(2 if caps.kind == "mlx_lm" else 1, k))
         self._note_usage(reply)
-        steps = self._steps(reply)
+        steps = self._steps(reply)[:1]
         return steps[0].dist, steps[0].token  # the first token, or END when the server ended the reply here
 
     # -- requests --------------------------------------------------------------------
