@@ -16,7 +16,7 @@ from .distribution import Distribution
 from .sampling import SamplingParams
 from .tokens import Alternative
 
-__all__ = ["TextAssembler", "describe", "piece_of", "byte_level_text"]
+__all__ = ["TextAssembler", "describe", "piece_of", "byte_level_text", "token_bytes"]
 
 
 class TextAssembler:
@@ -119,6 +119,19 @@ def _raw_bytes(tokenizer: Any, token_id: int) -> str | None:
     if all(ch in _BYTES for ch in raw):
         return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
     return None
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The token's own bytes (a partial UTF-8 character stays partial: ``b'\\xe0'``)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    raw = str(tokenizer.convert_ids_to_tokens(token_id))
+    if raw.startswith("<0x") and raw.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(raw[3:-1], 16)])
+    if all(ch in _BYTES for ch in raw):
+        return bytes(_BYTES[ch] for ch in raw)
+    return text.encode("utf-8")
 
 
 def byte_level_text(raw: str) -> str:

@@ -121,3 +121,20 @@ def test_a_stream_iterated_on_a_worker_thread_right_after_load(model_dir) -> Non
     worker.join(60)
     assert out and out[0] == fresh.generate("Hi", max_tokens=3, temperature=0).text
     assert math.isfinite(len(out[0]))
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_the_remote_stepper_sends_ids_and_each_step_is_one_decode_step(
+    remote: RemoteLM, lm: nbllm.LM, raw: bool
+) -> None:
+    # random weights: many tokens are partial UTF-8 characters, which text could not carry back
+    there, here = remote.stepper("Hello there", raw=raw), lm.stepper("Hello there", raw=raw)
+    for _ in range(12):
+        if here.done:
+            break
+        assert there.step().id == here.step().id
+    assert there.text == here.text and len(there.tokens) >= 6
+    run = there._run
+    prompt = len(run._server_prompt)
+    assert prompt == len(here.prompt)  # the server's own tokenization, sent back as ids
+    assert run.prompt_tokens == prompt + len(there.tokens) and run.cached_tokens >= run.prompt_tokens - 1

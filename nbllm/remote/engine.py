@@ -67,14 +67,15 @@ class RemoteRun:
         self.ended: str | None = None
         self.ids: list[int] = list(request.prompt.ids)
         self._positions: list[tuple[Distribution, int]] = []  # per visited position: (dist, server's draw)
+        self._server_prompt: list[int] | None = None  # the prompt's ids as the server tokenized it
         self._stream: EventStream | None = None
 
     # -- the fast loop -------------------------------------------------------------
     def generate(self, cancelled: Callable[[], bool]) -> Generator[Step, None, None]:
         caps, k = self._engine.caps, self.request.top_logprobs
-        body = self._body(self.request.max_tokens, k if caps.max_top_logprobs else None)
+        path, body = self._path, self._body(self.request.max_tokens, k if caps.max_top_logprobs else None)
         if k and not caps.streamed_logprobs:  # alternatives only without streaming (mlx_lm.server)
-            reply = self._engine.client.post(self._path, body)
+            reply = self._engine.client.post(path, body)
             self._note_usage(reply)
             for step in self._steps(reply):
                 if cancelled():
@@ -83,7 +84,7 @@ class RemoteRun:
             return
         body["stream_options"] = {"include_usage": True}
         held: Step | None = None
-        self._stream = self._engine.client.stream(self._path, body)
+        self._stream = self._engine.client.stream(path, body)
         try:
             for event in self._stream:
                 self._note_usage(event)
@@ -120,7 +121,7 @@ class RemoteRun:
         texts = _texts(entries, text)
         steps = []
         for e, t in zip(entries, texts):
-            steps.append(Step(vocab.key(e.piece, e.id), _dist(e, vocab), text=t))
+            steps.append(Step(vocab.key(e.piece, e.id, e.raw), _dist(e, vocab), text=t))
             if e.special:
                 vocab.mark_end(steps[-1].token)
         finish = choice.get("finish_reason")
@@ -183,6 +184,7 @@ class RemoteRun:
     def fork(self) -> RemoteRun:
         twin = copy.copy(self)
         twin.ids, twin._positions, twin._stream = list(self.ids), list(self._positions), None
+        twin._server_prompt = None if self._server_prompt is None else list(self._server_prompt)
         return twin
 
     def close(self) -> None:
@@ -196,7 +198,15 @@ class RemoteRun:
             raise ValueError(caps.lacks("it returns no logprobs, so its distributions cannot be shown"))
         # mlx_lm.server 0.32 fails ("empty prompt", and its generation thread dies) when a prompt is
         # exactly a sequence it cached, which one max_tokens=1 request after another makes: ask for 2.
-        reply = self._engine.client.post(self._path, self._body(2 if caps.kind == "mlx_lm" else 1, k))
+        if self.constraint is not None and len(self.ids) > len(self.request.prompt):
+            raise ValueError(caps.lacks("it applies a constraint to a whole reply, so a stepper cannot continue one"))
+        path, body = self._request(2 if caps.kind == "mlx_lm" else 1, k)
+        if self._server_prompt is None and caps.kind in ("nbllm", "vllm"):
+            body["return_token_ids"] = True
+        reply = self._engine.client.post(path, body)
+        ids = reply.get("prompt_token_ids") or next(iter(reply.get("choices") or [{}])).get("prompt_token_ids")
+        if self._server_prompt is None and isinstance(ids, list) and all(isinstance(t, int) for t in ids):
+            self._server_prompt = ids  # from now on the stepper sends ids: exact, whatever the text
         self._note_usage(reply)
         steps = self._steps(reply)[:1]
         return steps[0].dist, steps[0].token  # the first token, or END when the server ended the reply here
@@ -206,12 +216,29 @@ class RemoteRun:
     def _path(self) -> str:
         return "/completions" if self.request.prompt.continuation else "/chat/completions"
 
-    def _body(self, max_tokens: int, k: int | None) -> dict[str, Any]:
+    def _request(self, max_tokens: int, k: int | None) -> tuple[str, dict[str, Any]]:
+        """Where to send the next position's request, and its body: ids when the server gave them, else text."""
+        caps, prompt = self._engine.caps, self.request.prompt
+        taken = self.ids[len(prompt) :]
+        base = self._server_prompt if self._server_prompt is not None else (list(prompt.ids) or None)
+        if base is None or not caps.completions or any(t < 0 for t in taken):
+            return self._path, self._body(max_tokens, k)
+        body = self._body(max_tokens, None, text_prompt=False)
+        body["prompt"] = base + taken
+        if k is not None:
+            body.update(logprob_fields(False, k, legacy_int=caps.kind not in ("mlx_lm", "nbllm")))
+        return "/completions", body
+
+    def _body(self, max_tokens: int, k: int | None, text_prompt: bool = True) -> dict[str, Any]:
         caps, prompt, request = self._engine.caps, self.request.prompt, self.request
         body: dict[str, Any] = {"model": caps.model, "max_tokens": max_tokens}
         body.update(sampling_fields(request.params, request.logit_bias))
         if request.stop:
             body["stop"] = list(request.stop)
+        if self.constraint is not None:
+            body.update(self.constraint.fields(caps))
+        if not text_prompt:
+            return body
         taken = self._engine.vocab.decode(self.ids[len(prompt) :])
         if prompt.continuation:
             if not caps.completions:
@@ -232,8 +259,6 @@ class RemoteRun:
             body["messages"] = messages
         if k is not None:
             body.update(logprob_fields(not prompt.continuation, k, legacy_int=caps.kind not in ("mlx_lm", "nbllm")))
-        if self.constraint is not None:
-            body.update(self.constraint.fields(caps))
         return body
 
     def _note_usage(self, event: dict[str, Any]) -> None:

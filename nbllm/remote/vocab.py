@@ -16,6 +16,7 @@ stepper call (decoding, a streaming detokenizer, the end-of-sequence id).
 
 from __future__ import annotations
 
+import codecs
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -34,13 +35,19 @@ class RemoteTokenizer:
         self.pieces: dict[int, str] = {self.END: "<end>"}
         self._by_piece: dict[str, int] = {}
         self._next = -2
+        self._bytes: dict[int, bytes] = {}
         self._lock = threading.Lock()
 
-    def key(self, piece: str, server_id: int | None = None) -> int:
-        """The id of ``piece``: the server's when it gave one, else the piece's local key."""
+    def key(self, piece: str, server_id: int | None = None, raw: bytes | None = None) -> int:
+        """The id of ``piece``: the server's when it gave one, else the piece's local key.
+
+        ``raw``: the token's bytes when the server sent them (what ``decode`` joins).
+        """
         with self._lock:
             if server_id is not None and server_id >= 0:
                 self.pieces.setdefault(server_id, piece)
+                if raw is not None:
+                    self._bytes.setdefault(server_id, raw)
                 self._by_piece.setdefault(piece, server_id)
                 return server_id
             known = self._by_piece.get(piece)
@@ -61,7 +68,14 @@ class RemoteTokenizer:
         return all(i >= 0 for i in self.pieces if i != self.END)
 
     def decode(self, ids: Sequence[int], **_: Any) -> str:
-        return "".join(self.pieces.get(int(i), "") for i in ids if i not in self.eos_token_ids)
+        data = b"".join(self.bytes_of(i) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def bytes_of(self, token_id: int) -> bytes:
+        """The token's bytes (its piece's when the server sent none; nothing for an end token)."""
+        if token_id in self.eos_token_ids:
+            return b""
+        return self._bytes.get(int(token_id)) or self.pieces.get(int(token_id), "").encode()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Text as one piece (the server tokenizes it when it is sent back)."""
@@ -76,12 +90,13 @@ class RemoteTokenizer:
 
 
 class PieceDetokenizer:
-    """The streaming-detokenizer interface over pieces: each token adds its piece's text."""
+    """The streaming-detokenizer interface over the tokens' bytes (a character split over tokens waits)."""
 
     def __init__(self, vocab: RemoteTokenizer):
         self._vocab = vocab
         self._text = ""
         self._read = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
     def text(self) -> str:
@@ -89,12 +104,13 @@ class PieceDetokenizer:
 
     def reset(self) -> None:
         self._text, self._read = "", 0
+        self._utf8.reset()
 
     def add_token(self, token_id: int) -> None:
-        self._text += self._vocab.decode([token_id])
+        self._text += self._utf8.decode(self._vocab.bytes_of(token_id))
 
     def finalize(self) -> None:
-        pass
+        self._text += self._utf8.decode(b"", final=True)
 
     @property
     def last_segment(self) -> str:

@@ -42,6 +42,7 @@ class Entry:
     logprob: float | None
     top: tuple[tuple[str, int | None, float], ...] = ()
     special: bool = False  # nbllm serve marks the end-of-sequence token it reports
+    raw: bytes | None = None  # the token's bytes (OpenAI's ``bytes``): a partial character stays partial
 
 
 def entries_of(choice: dict[str, Any], raw_pieces: bool = False) -> list[Entry]:
@@ -64,7 +65,8 @@ def entries_of(choice: dict[str, Any], raw_pieces: bool = False) -> list[Entry]:
                 if isinstance(t, dict)
             )
             special = item.get("special") is True
-            out.append(Entry(fix(item.get("token", "")), _id(item), _logprob(item["logprob"]), top, special))
+            raw = _bytes(item.get("bytes"))
+            out.append(Entry(fix(item.get("token", "")), _id(item), _logprob(item["logprob"]), top, special, raw))
         return out
     tokens = logprobs.get("tokens")
     if isinstance(tokens, list):  # the legacy completions shape
@@ -75,6 +77,12 @@ def entries_of(choice: dict[str, Any], raw_pieces: bool = False) -> list[Entry]:
             for t, lp, top in zip(tokens, lps, tops)
         ]
     return []
+
+
+def _bytes(value: Any) -> bytes | None:
+    if isinstance(value, list) and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value)
+    return None
 
 
 def _text(piece: Any) -> str:

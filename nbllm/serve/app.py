@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..decode import token_bytes
 from .protocol import BadRequest, Call, chunk, encode_prompt, final_reply, finish_of, parse_call, usage
 from .worker import Busy, Job, Worker
 
@@ -50,6 +51,12 @@ def create_app(
     """The ASGI app serving ``lm`` (run it with uvicorn, or ``nbllm serve``)."""
     worker = Worker(lm, max_queue=max_queue)
     limit = int(max_body_mb * 1e6)
+    known: dict[int, bytes] = {}
+
+    def bytes_of(token_id: int) -> bytes:
+        if token_id not in known:
+            known[token_id] = token_bytes(lm.tokenizer, token_id)
+        return known[token_id]
 
     def authorized(request: Request) -> bool:
         if not api_key:
@@ -74,6 +81,7 @@ def create_app(
         try:
             body = await _read_json(request, limit)
             call = parse_call(body, chat, allow_image_urls)
+            call.bytes_of = bytes_of
             if body.get("model") not in (None, "", "default", lm.name):
                 return error(f"model: this server serves {lm.name!r}, not {body['model']!r}", 404, "model")
         except BadRequest as err:
@@ -107,7 +115,7 @@ def create_app(
             job.cancel()
             raise
         assert job.stats is not None
-        return JSONResponse(final_reply(call, lm.name, got, job.stats))
+        return JSONResponse(final_reply(call, lm.name, got, job.stats, job.prompt_ids))
 
     async def chat_route(request: Request) -> Response:
         return await complete(request, chat=True)
@@ -169,7 +177,7 @@ async def _events(call: Call, model: str, first: Any, tokens: AsyncIterator[Any]
             for token in pending:
                 last = token
                 finish = finish_of(token) if token.finish_reason else None
-                yield _sse(chunk(call, model, [token], token.text, finish, not started))
+                yield _sse(chunk(call, model, [token], token.text, finish, not started, job.prompt_ids))
                 started = True
             try:
                 pending = [await tokens.__anext__()]

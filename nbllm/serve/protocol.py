@@ -9,7 +9,8 @@ where they exist (``temperature``, ``top_p``, ``seed``, ``presence_penalty``,
 output: ``response_format`` (``json_object``, ``json_schema``) and vLLM's
 ``structured_outputs`` (``regex``, ``choice``, ``json``; also ``guided_regex``,
 ``guided_choice``). ``continue_final_message`` continues a last assistant
-message (the remote stepper uses it).
+message; ``return_token_ids`` adds the prompt's ``prompt_token_ids`` (vLLM's
+names), which the remote stepper then sends back as ids.
 
 Replies: every token's ``logprobs`` with up to 20 ``top_logprobs`` (streamed
 too), each entry with ``token_id`` as well as ``token`` and ``bytes``;
@@ -24,6 +25,7 @@ import io
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,8 @@ class Call:
     top_logprobs: int = 0
     images: list[Any] = field(default_factory=list)
     continue_final: bool = False
+    return_ids: bool = False
+    bytes_of: Callable[[int], bytes] = field(default=lambda i: b"", repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -94,6 +98,7 @@ def parse_call(body: Any, chat: bool, allow_image_urls: bool = False) -> Call:
         except (TypeError, ValueError):
             raise BadRequest("logit_bias: expected {token id: bias}", param="logit_bias") from None
     call = Call(chat=chat, prompt=None, kwargs=kwargs, stream=bool(body.get("stream", False)))
+    call.return_ids = body.get("return_token_ids") is True
     options = body.get("stream_options") or {}
     call.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     _logprobs(body, call)
@@ -222,12 +227,12 @@ def _image(spec: Any, allow_urls: bool) -> Any:
 
 
 # -- replies -------------------------------------------------------------------------------
-def _entry(token: Token, with_top: bool) -> dict[str, Any]:
+def _entry(token: Token, with_top: bool, bytes_of: Callable[[int], bytes]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "token": token.piece,
         "token_id": token.id,
         "logprob": _finite(token.logprob),
-        "bytes": list(token.piece.encode("utf-8", "surrogatepass")),
+        "bytes": list(bytes_of(token.id)),
     }
     if token.special:
         out["special"] = True  # the end-of-sequence token: not part of the text
@@ -237,7 +242,7 @@ def _entry(token: Token, with_top: bool) -> dict[str, Any]:
                 "token": a.piece,
                 "token_id": a.id,
                 "logprob": _finite(a.logprob),
-                "bytes": list(a.piece.encode("utf-8", "surrogatepass")),
+                "bytes": list(bytes_of(a.id)),
             }
             for a in token.top
         ]
@@ -252,7 +257,7 @@ def _finite(value: float) -> float:
 def _logprobs_field(tokens: list[Token], call: Call) -> dict[str, Any] | None:
     if not call.logprobs:
         return None
-    content = [_entry(t, True) for t in tokens]
+    content = [_entry(t, True, call.bytes_of) for t in tokens]
     if call.chat:
         return {"content": content}
     # completions: the legacy shape too, so OpenAI's client reads it
@@ -270,8 +275,10 @@ def finish_of(token: Token | None) -> str | None:
     return {"stop_string": "stop", "cancelled": "stop"}.get(reason or "", reason)
 
 
-def chunk(call: Call, model: str, tokens: list[Token], text: str, finish: str | None, first: bool) -> dict[str, Any]:
-    """One streamed event for ``tokens`` (usually one)."""
+def chunk(
+    call: Call, model: str, tokens: list[Token], text: str, finish: str | None, first: bool, prompt_ids: Any = None
+) -> dict[str, Any]:
+    """One streamed event for ``tokens`` (usually one); the first carries the prompt's ids when asked."""
     choice: dict[str, Any] = {"index": 0, "logprobs": _logprobs_field(tokens, call), "finish_reason": finish}
     if call.chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -281,10 +288,13 @@ def chunk(call: Call, model: str, tokens: list[Token], text: str, finish: str | 
     else:
         choice["text"] = text
     kind = "chat.completion.chunk" if call.chat else "text_completion"
-    return {"id": _id(call), "object": kind, "created": call.created, "model": model, "choices": [choice]}
+    out = {"id": _id(call), "object": kind, "created": call.created, "model": model, "choices": [choice]}
+    if first and call.return_ids and prompt_ids is not None:
+        out["prompt_token_ids"] = list(prompt_ids)
+    return out
 
 
-def final_reply(call: Call, model: str, tokens: list[Token], stats: Stats) -> dict[str, Any]:
+def final_reply(call: Call, model: str, tokens: list[Token], stats: Stats, prompt_ids: Any = None) -> dict[str, Any]:
     """The whole reply (``stream: false``)."""
     text = "".join(t.text for t in tokens)
     finish = finish_of(tokens[-1] if tokens else None) or "stop"
@@ -296,6 +306,8 @@ def final_reply(call: Call, model: str, tokens: list[Token], stats: Stats) -> di
     kind = "chat.completion" if call.chat else "text_completion"
     out = {"id": _id(call), "object": kind, "created": call.created, "model": model, "choices": [choice]}
     out["usage"] = usage(stats)
+    if call.return_ids and prompt_ids is not None:
+        out["prompt_token_ids"] = list(prompt_ids)  # vLLM's name for it
     return out
 
 

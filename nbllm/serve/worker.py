@@ -36,6 +36,7 @@ class Job:
         self._items: asyncio.Queue[Any] = asyncio.Queue()
         self.stream: Any = None
         self.stats: Stats | None = None
+        self.prompt_ids: tuple[int, ...] | None = None
         self.cancelled = threading.Event()
 
     def put(self, item: Any) -> None:
@@ -93,6 +94,7 @@ class Worker:
                 continue
             try:
                 job.stream = job.build(self.lm, self.cache)
+                job.prompt_ids = job.stream.prompt.ids
                 if job.cancelled.is_set():
                     job.stream.cancel()
                 for token in job.stream:
