@@ -154,6 +154,25 @@ class RemoteLM:
         """One token per request; see ``nbllm.Stepper``."""
         return Stepper(self, prompt, **kwargs)
 
+    # -- inside the model: needs the weights here -------------------------------------
+    def logit_lens(self, prompt: Any, **kwargs: Any) -> Any:
+        """Refused in one line: the logit lens reads the model's layers (``nbllm.inside``)."""
+        from ..inside import logit_lens
+
+        return logit_lens(self, prompt, **kwargs)
+
+    def attention(self, prompt: Any, **kwargs: Any) -> Any:
+        """Refused in one line: attention capture runs the model here."""
+        from ..inside import attention
+
+        return attention(self, prompt, **kwargs)
+
+    def score(self, text: Any, **kwargs: Any) -> Any:
+        """Refused in one line: scoring a given text needs every position's full distribution."""
+        from ..inside import score
+
+        return score(self, text, **kwargs)
+
     def close(self) -> None:
         self.client.close()
 
