@@ -46,6 +46,9 @@ def test_python_blocks_run_in_order(
     assert "The capital of Japan is Tokyo." in out and "The capital of France is Paris." in out
     assert "The capital of Italy is Rome." in out
     assert namespace["lens"].final_prob[-1, -1] > 0.9 and namespace["scored"].surprising(1)[0].piece == " Rome"
+    assert namespace["served"].text == "The capital of France is Paris."  # through nbllm serve and connect
+    assert namespace["remote"].caps.kind == "nbllm"
+    assert "' Paris' 0.99 [' Paris'," in out  # the remote stream, with the server's alternatives
     fast = namespace["fast"]
     assert fast.stats.acceptance_rate > 0.3 and fast.text.startswith(", there was")
 

@@ -7,6 +7,7 @@ listens on 127.0.0.1, on a free port, and is stopped by the test that started it
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -117,6 +118,23 @@ def test_the_openai_client_works_unchanged(cli: object, embedded: nbllm.LM) -> N
     )
     assert plain.choices[0].text == embedded.generate("The capital of France is", raw=True, max_tokens=3).text
     assert plain.choices[0].logprobs is not None and len(plain.choices[0].logprobs.top_logprobs[0]) == 3
+    schema = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}}}
+    structured = client.chat.completions.create(
+        model="nbllm/default-model",
+        messages=[{"role": "user", "content": "Give the capital of Japan as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        max_tokens=40,
+        temperature=0,
+    )
+    assert json.loads(structured.choices[0].message.content) == {"country": "Japan", "capital": "Tokyo"}
+    stopped = client.completions.create(
+        model="nbllm/default-model", prompt="The capital of France is", max_tokens=10, temperature=0, stop=["."]
+    )
+    assert stopped.choices[0].text == " Paris" and stopped.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(
+            model="nbllm/default-model", messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=50
+        )
 
 
 def test_the_stepper_steps_over_http(remote: RemoteLM, embedded: nbllm.LM) -> None:
