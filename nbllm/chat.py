@@ -364,6 +364,9 @@ class Chat:
                     "this Chat is in use: a reply is streaming on another thread; wait for it or cancel() it"
                 )
             pending.close()
+        self._cache_free()
+
+    def _cache_free(self) -> None:
         self.cache.ensure_free()
 
     def _settle_reply(self, reply: ChatReply, keep: bool) -> None:

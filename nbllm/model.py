@@ -10,14 +10,11 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from .generate import TokenStream, generate, stream
-from .inside import AttentionMap, LogitLens, Scored, attention, logit_lens, score
+from .handle import HandleMethods
 from .mlx_engine import MLXEngine
 from .prompt import Prompt, check_text
-from .stepper import Stepper
-from .tokens import Completion
 
-__all__ = ["LM", "ModelInfo", "as_list", "is_messages"]
+__all__ = ["LM", "ModelInfo", "as_list", "is_messages", "checked_messages", "with_system"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class ModelInfo:
     load_seconds: float
 
 
-class LM:
+class LM(HandleMethods):
     """A loaded language model: the mlx module, its tokenizer, its config and its engine.
 
     Use ``lm.encode(prompt)`` for the ``Prompt`` the model sees, and
@@ -197,17 +194,12 @@ class LM:
         elif is_messages(prompt):
             if not template:
                 raise ValueError("prompt: chat messages need a model with a chat template; pass text with raw=True")
-            messages = [dict(m) for m in prompt]
-            for i, m in enumerate(messages):
-                _check_content(m.get("content"), f"prompt[{i}]")
+            messages = checked_messages(prompt)
         else:
             raise TypeError(
                 f"prompt: expected str, list of token ids or list of chat messages, got {type(prompt).__name__}"
             )
-        if system is not None:
-            check_text(system, "system")
-            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
-        return self._from_messages(messages, pictures)
+        return self._from_messages(with_system(messages, system), pictures)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids)))
@@ -233,32 +225,6 @@ class LM:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return Prompt.of(_non_empty(list(ids)), continuation=False)
 
-    # -- generation ------------------------------------------------------------
-    def stream(self, prompt: Any, **kwargs: Any) -> TokenStream:
-        """Stream ``Token`` records; see ``nbllm.stream``."""
-        return stream(self, prompt, **kwargs)
-
-    def generate(self, prompt: Any, **kwargs: Any) -> Completion:
-        """Generate to the end and return a ``Completion``; see ``nbllm.generate``."""
-        return generate(self, prompt, **kwargs)
-
-    def stepper(self, prompt: Any, **kwargs: Any) -> Stepper:
-        """A token-at-a-time ``Stepper``; see ``nbllm.Stepper``."""
-        return Stepper(self, prompt, **kwargs)
-
-    # -- inside the model ------------------------------------------------------
-    def logit_lens(self, prompt: Any, *, top_k: int = 5, **encode: Any) -> LogitLens:
-        """What every layer already predicts at every position; see ``nbllm.inside.logit_lens``."""
-        return logit_lens(self, prompt, top_k=top_k, **encode)
-
-    def attention(self, prompt: Any, **encode: Any) -> AttentionMap:
-        """Every attention layer's weights over the prompt; see ``nbllm.inside.attention``."""
-        return attention(self, prompt, **encode)
-
-    def score(self, text: Any, **kwargs: Any) -> Scored:
-        """How likely the model finds a given text, token by token; see ``nbllm.inside.score``."""
-        return score(self, text, **kwargs)
-
 
 def as_list(images: Any) -> list[Any]:
     """``None`` -> ``[]``, one image -> ``[image]``, a list or tuple -> a list."""
@@ -282,6 +248,22 @@ def _is_ids(prompt: Any) -> bool:
         and len(prompt) > 0
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     )
+
+
+def checked_messages(prompt: Any) -> list[dict[str, Any]]:
+    """Copies of chat messages whose text the tokenizer can encode."""
+    messages = [dict(m) for m in prompt]
+    for i, m in enumerate(messages):
+        _check_content(m.get("content"), f"prompt[{i}]")
+    return messages
+
+
+def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """``messages`` with ``system`` as the first (and only) system message, when given."""
+    if system is None:
+        return messages
+    check_text(system, "system")
+    return [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
 
 
 def _check_content(content: Any, where: str) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 from ..chat import Chat, ChatReply
 from ..chat_prompt import Message, parse_history
-from ..engine import InUseError
 from ..generate import TokenStream
 from ..prompt import Prompt
 from ..request import check_options, make_request
@@ -75,14 +74,8 @@ class RemoteChat(Chat):
         ]
         return self.lm.encode(dicts, system=self.system)
 
-    def _settle(self) -> None:
-        pending = self._pending
-        if pending is not None:
-            if not pending._closable_here():
-                raise InUseError(
-                    "this Chat is in use: a reply is streaming on another thread; wait for it or cancel() it"
-                )
-            pending.close()
+    def _cache_free(self) -> None:
+        pass  # the cache is the server's
 
     def _rewind(self) -> None:
         pass  # the server's prefix cache follows the messages by itself

@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..generate import TokenStream, generate, stream
-from ..model import as_list, is_messages
+from ..handle import HandleMethods
+from ..model import as_list, checked_messages, is_messages, with_system
 from ..prompt import Prompt, check_text
-from ..stepper import Stepper
-from ..tokens import Completion
 from .caps import Capabilities, probe
 from .constraint import ServerConstraint
 from .engine import RemoteEngine
@@ -47,7 +45,7 @@ class RemotePrompt(Prompt):
         return f"RemotePrompt({kind})"
 
 
-class RemoteLM:
+class RemoteLM(HandleMethods):
     """A model served over HTTP (vLLM, SGLang, llama.cpp, Ollama, mlx_lm.server, ``nbllm serve``).
 
     Made by ``nbllm.connect``. ``caps`` says what the server can do (probed
@@ -120,7 +118,7 @@ class RemoteLM:
                 return RemotePrompt(ids=(), continuation=True, text=prompt)
             messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
         elif is_messages(prompt):
-            messages = [dict(m) for m in prompt]
+            messages = checked_messages(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             if pictures or system is not None:
                 raise ValueError("prompt: token ids take no system message or images")
@@ -129,9 +127,7 @@ class RemoteLM:
             raise TypeError(
                 f"prompt: expected str, list of token ids or list of chat messages, got {type(prompt).__name__}"
             )
-        if system is not None:
-            check_text(system, "system")
-            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        messages = with_system(messages, system)
         if pictures:
             last = next(i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user")
             text = messages[last]["content"]
@@ -140,38 +136,6 @@ class RemoteLM:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
-
-    # -- generation ---------------------------------------------------------------------
-    def stream(self, prompt: Any, **kwargs: Any) -> TokenStream:
-        """Stream ``Token`` records from the server; see ``nbllm.stream``."""
-        return stream(self, prompt, **kwargs)
-
-    def generate(self, prompt: Any, **kwargs: Any) -> Completion:
-        """Generate to the end; see ``nbllm.generate``."""
-        return generate(self, prompt, **kwargs)
-
-    def stepper(self, prompt: Any, **kwargs: Any) -> Stepper:
-        """One token per request; see ``nbllm.Stepper``."""
-        return Stepper(self, prompt, **kwargs)
-
-    # -- inside the model: needs the weights here -------------------------------------
-    def logit_lens(self, prompt: Any, **kwargs: Any) -> Any:
-        """Refused in one line: the logit lens reads the model's layers (``nbllm.inside``)."""
-        from ..inside import logit_lens
-
-        return logit_lens(self, prompt, **kwargs)
-
-    def attention(self, prompt: Any, **kwargs: Any) -> Any:
-        """Refused in one line: attention capture runs the model here."""
-        from ..inside import attention
-
-        return attention(self, prompt, **kwargs)
-
-    def score(self, text: Any, **kwargs: Any) -> Any:
-        """Refused in one line: scoring a given text needs every position's full distribution."""
-        from ..inside import score
-
-        return score(self, text, **kwargs)
 
     def close(self) -> None:
         self.client.close()
