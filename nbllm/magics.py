@@ -197,11 +197,13 @@ class LLMMagics(Magics):
         self._show(TokenStream(lm, request), view, args)
 
     def _inside(self, lm: Any, prompt: str, which: list[str], args: Any) -> None:
+        from .inside.run import needs_local
         from .widgets import AttentionView, LogitLensView, SurpriseView
 
         if len(which) > 1 or args.step or args.chat:
             raise UsageError(f"expected one of --lens/--attention/--score/--step/--chat, got {', '.join(which)}")
         encode = {"raw": args.raw, "system": self._pick(args.system, self.system), "images": args.image}
+        _user_errors(lambda: needs_local(lm, f"--{which[0]}"))  # a model on a server: one line, no traceback
         if which == ["score"]:
             record = _user_errors(lambda: lm.score(prompt, raw=True))
             view: Any = SurpriseView(record)

@@ -106,6 +106,11 @@ def test_magics_connect_and_run_cells_on_a_server(
     assert shell.user_ns["out"].text == expected and expected in printed
     shell.run_cell_magic("llm", f"-m {url} --raw -n 5 -t 0 -o again", "Hello there")
     assert shell.user_ns["again"].text == lm.generate("Hello there", raw=True, max_tokens=5, temperature=0).text
+    capsys.readouterr()
+    shell.run_cell_magic("llm", "--step -n 3", "The capital of France is")
+    assert "StepperWidget" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--lens needs a local MLX model"):
+        shell.run_cell_magic("llm", "--lens", "The capital of France is")
     with pytest.raises(UsageError, match="cannot connect"):
         shell.run_line_magic("llm", "connect http://127.0.0.1:9")
     with pytest.raises(UsageError, match="expected a server URL"):
