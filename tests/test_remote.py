@@ -176,6 +176,7 @@ def test_a_chat_on_the_server_keeps_its_history_and_reuses_the_prefix(remote: Re
     reply.cancel()
     rest = list(reply)
     assert reply.finish_reason == "cancelled" and len(rest) <= 1
+    assert reply.stats.prompt_tokens > 40  # usage in every chunk (vLLM's continuous_usage_stats): known when cut short
     assert chat.history[-1]["content"] == "".join(t.text for t in taken + rest) != ""
     chat.undo()
     assert len(chat.history) == 4

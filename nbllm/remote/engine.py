@@ -83,6 +83,8 @@ class RemoteRun:
                 yield step
             return
         body["stream_options"] = {"include_usage": True}
+        if caps.kind in ("nbllm", "vllm"):  # usage in every chunk: a stream cut short still knows its prompt
+            body["stream_options"]["continuous_usage_stats"] = True
         held: Step | None = None
         self._stream = self._engine.client.stream(path, body)
         try:

@@ -177,7 +177,11 @@ async def _events(call: Call, model: str, first: Any, tokens: AsyncIterator[Any]
             for token in pending:
                 last = token
                 finish = finish_of(token) if token.finish_reason else None
-                yield _sse(chunk(call, model, [token], token.text, finish, not started, job.prompt_ids))
+                event = chunk(call, model, [token], token.text, finish, not started, job.prompt_ids)
+                stream = job.stream
+                if call.continuous_usage and stream is not None:
+                    event["usage"] = usage(stream.stats)
+                yield _sse(event)
                 started = True
             try:
                 pending = [await tokens.__anext__()]

@@ -66,6 +66,7 @@ class Call:
     kwargs: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     images: list[Any] = field(default_factory=list)
@@ -101,6 +102,8 @@ def parse_call(body: Any, chat: bool, allow_image_urls: bool = False) -> Call:
     call.return_ids = body.get("return_token_ids") is True
     options = body.get("stream_options") or {}
     call.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    # vLLM's option: usage in every chunk, so a stream cut short still knows its prompt's size and cache hits
+    call.continuous_usage = call.include_usage and bool(options.get("continuous_usage_stats"))
     _logprobs(body, call)
     kwargs["top_logprobs"] = call.top_logprobs
     kwargs.update(_structured(body))

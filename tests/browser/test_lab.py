@@ -82,6 +82,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, seed: int) ->
             "%%llm --step -t 0\nStep with me",
         ],
     )
+    write_notebook(
+        root / "remote.ipynb",
+        [
+            "%load_ext nbllm\nimport nbllm\nfrom nbllm.serve import start\n"
+            f"local = nbllm.load({str(model_dir / 'llama')!r})\nserver = start(local)\n"
+            "remote = %llm connect {server.url}",
+            "%%llm --step -t 0\nStep with me",
+            "from nbllm.widgets import ChatWidget\neos = next(iter(local.tokenizer.eos_token_ids))\n"
+            "chat = ChatWidget(remote, max_tokens=100_000, logit_bias={eos: -1e9})\nchat",
+            "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history))\nserver.stop()",
+        ],
+    )
     server = start_lab(home, root)
     try:
         yield server
@@ -275,3 +287,34 @@ def test_inside_views_render_heatmaps_with_hovers(page: Any, lm: nbllm.LM) -> No
         page.wait_for_timeout(100)
     assert a.locator("table.nbllm-attention").inner_html() != before  # one head is not the heads' mean
     ac.screenshot(path=str(ARTIFACTS / "06-attention.png"))
+
+
+def test_the_views_on_a_model_behind_a_server(browser: Any, lab: Lab) -> None:
+    """nbllm serve on loopback, started from the notebook: the stepper (top-k-only distribution) and chat Stop."""
+    pg = open_notebook(browser, lab, lab.page_url("remote.ipynb"), "remote.ipynb")
+    try:
+        expect(run_cell(pg, 0).locator(".jp-OutputArea-output")).to_contain_text("connected: llama on a nbllm server")
+        stepper = run_cell(pg, 1).locator(".nbllm-stepper")
+        stepper.wait_for()
+        label = stepper.locator(".nbllm-foot").first
+        expect(label).to_contain_text("generated 0")
+        expect(stepper.locator(".nbllm-dist caption")).to_contain_text("only the server's top 8 tokens are known")
+        expect(stepper.locator(".nbllm-distribution")).to_contain_text("the server returned only its top 8 tokens")
+        stepper.get_by_role("button", name="Next", exact=True).click()
+        expect(label).to_contain_text("generated 1")
+        stepper.get_by_role("button", name="Back", exact=True).click()
+        expect(label).to_contain_text("generated 0")
+        chat = run_cell(pg, 2).locator(".nbllm-chat-widget")
+        chat.wait_for()
+        chat.locator("textarea").fill("Tell me a long story")
+        chat.get_by_role("button", name="Send").click()
+        chat.locator(".nbllm-msg.pending").wait_for()
+        pg.wait_for_timeout(300)
+        chat.get_by_role("button", name="Stop").click()
+        expect(chat.locator(".nbllm-status")).to_have_text("stopped")
+        expect(chat.locator(".nbllm-foot")).to_contain_text("finish: cancelled")
+        after = run_cell(pg, 3).locator(".jp-OutputArea-output")
+        expect(after).to_contain_text("after-stop cancelled 2")
+        pg.screenshot(path=str(ARTIFACTS / "07-remote.png"), full_page=True)
+    finally:
+        pg.close()
