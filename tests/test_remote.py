@@ -53,7 +53,9 @@ def test_the_probe_finds_what_nbllm_serve_does(remote: RemoteLM) -> None:
     caps = remote.caps
     assert (caps.kind, caps.model) == ("nbllm", "nbllm/default-model")
     assert caps.streamed_logprobs and caps.max_top_logprobs == 20 and caps.token_ids
-    assert caps.completions and caps.json_schema and caps.prefill
+    assert caps.completions and caps.json_schema and caps.prefill and caps.images is False
+    with pytest.raises(ValueError, match="text-only model"):
+        remote.generate("Describe it.", images=b"not even an image")
     assert remote.name == "nbllm/default-model" and "nbllm" in repr(remote)
 
 
@@ -335,6 +337,7 @@ def test_vision_through_the_server(qwen: nbllm.VisionLM, vision_dir: Path) -> No
     image = vision_dir / "a.png"
     with start(qwen) as server:
         remote = nbllm.connect(server.url)
+        assert remote.caps.images is True
         # images= becomes image_url parts before the text; the server keeps parts where they are
         parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
         here = qwen.generate(parts, images=[image], max_tokens=8, temperature=0)

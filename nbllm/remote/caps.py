@@ -48,6 +48,9 @@ class Capabilities:
         constraints: Its extension for regex and choices (``None``: none documented).
         prefill: It continues a partial assistant message (the stepper on a chat prompt needs it).
         raw_pieces: It reports vocabulary entries (``'ĠParis'``) rather than text.
+        images: Whether the model takes images, when the server says (``capabilities`` in
+            ``/v1/models``, as nbllm serve and Ollama list them); ``None``: not said (then a
+            text-only server refuses an image with its own message).
     """
 
     kind: str
@@ -60,10 +63,18 @@ class Capabilities:
     constraints: str | None
     prefill: bool
     raw_pieces: bool
+    images: bool | None = None
 
     def lacks(self, what: str) -> str:
         """One line naming what this server cannot do, for errors and views."""
         return f"{self.kind} server ({self.model}): {what}"
+
+
+def _images(models: Any, model: str) -> bool | None:
+    data = models.get("data") if isinstance(models, dict) else None
+    entry = next((m for m in data or [] if isinstance(m, dict) and m.get("id") == model), None)
+    listed = entry.get("capabilities") if entry else None
+    return "vision" in listed if isinstance(listed, list) else None
 
 
 def kind_of(models: Any) -> tuple[str, list[str]]:
@@ -88,11 +99,12 @@ def probe(client: Client, model: str | None) -> Capabilities:
         ValueError: ``model`` is not one it serves (when it lists them).
     """
     try:
-        kind, ids = kind_of(client.get("/models"))
+        listing = client.get("/models")
+        kind, ids = kind_of(listing)
     except (ConnectionError, ValueError) as err:
         if model is None:
             raise ValueError(f"{client.base_url}: the server did not list its models ({err}); pass model=") from None
-        kind, ids = "unknown", []
+        listing, kind, ids = None, "unknown", []
     if model is None:
         if not ids:
             raise ValueError(f"{client.base_url}: the server lists no models; pass model=")
@@ -136,4 +148,5 @@ def probe(client: Client, model: str | None) -> Capabilities:
         constraints=constraints,
         prefill=prefill,
         raw_pieces=kind == "mlx_lm",
+        images=_images(listing, model),
     )

@@ -83,7 +83,8 @@ class RemoteLM(HandleMethods):
 
     @property
     def is_vision(self) -> bool:
-        return True  # images are sent as image_url parts; a text-only server refuses them
+        """Whether to send images: the server said its model takes them, or did not say (then it may refuse)."""
+        return self.caps.images is not False
 
     @property
     def chat_class(self) -> type:
@@ -108,6 +109,8 @@ class RemoteLM(HandleMethods):
                 raise ValueError("prompt: an encoded Prompt takes no system=, raw= or images=")
             return prompt
         pictures = [image_part(p) for p in as_list(images)]
+        if pictures and not self.is_vision:
+            raise ValueError(f"images: {self.name} is a text-only model (its server says so)")
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
             if not prompt:

@@ -72,7 +72,8 @@ def create_app(
     async def models(request: Request) -> Response:
         if not authorized(request):
             return error("missing or wrong bearer token", 401, kind="authentication_error")
-        entry = {"id": lm.name, "object": "model", "created": 0, "owned_by": "nbllm"}
+        kinds = ["completion", "vision"] if lm.is_vision else ["completion"]  # Ollama's word for it
+        entry = {"id": lm.name, "object": "model", "created": 0, "owned_by": "nbllm", "capabilities": kinds}
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def complete(request: Request, chat: bool) -> Response:
