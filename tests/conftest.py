@@ -52,3 +52,8 @@ def qwen(vision_dir: Path) -> nbllm.VisionLM:
     lm = nbllm.load(vision_dir / "qwen2_vl")
     assert isinstance(lm, nbllm.VisionLM)
     return lm
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The llama.cpp tests last: scripts/test builds their server in the background meanwhile."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_remote_llamacpp.py"))

@@ -26,7 +26,7 @@ _DOCUMENTED: dict[str, tuple[bool, str | None, bool]] = {
     "nbllm": (True, "structured_outputs", True),
     "vllm": (True, "structured_outputs", True),
     "sglang": (True, "regex", True),
-    "llama.cpp": (True, None, False),
+    "llama.cpp": (True, "gbnf", True),  # `grammar` (GBNF); a last assistant message is continued
     "ollama": (True, None, False),
     "mlx_lm": (False, None, False),
     "unknown": (True, None, False),

@@ -52,6 +52,8 @@ class ServerConstraint:
             return {"structured_outputs": {"regex" if kind == "regex" else "choice": source}}
         if kind == "regex" and caps.constraints == "regex":
             return {"regex": source}
+        if kind == "choices" and caps.constraints == "gbnf":  # llama.cpp's `grammar` field
+            return {"grammar": "root ::= " + " | ".join(json.dumps(c) for c in source)}
         raise ValueError(caps.lacks(f"no documented way to enforce {self.spec.label}"))
 
     def finish(self, completion: Completion) -> Any:

@@ -86,11 +86,15 @@ class RemoteRun:
         if caps.kind in ("nbllm", "vllm"):  # usage in every chunk: a stream cut short still knows its prompt
             body["stream_options"]["continuous_usage_stats"] = True
         held: Step | None = None
+        vocab = self._engine.vocab
         self._stream = self._engine.client.stream(path, body)
         try:
             for event in self._stream:
                 self._note_usage(event)
                 for step in self._steps(event):
+                    if step.token == vocab.END and held is not None and vocab.bytes_of(held.token) == b"":
+                        vocab.mark_end(held.token)  # llama.cpp streams the end token (no text) before its finish
+                        continue
                     if held is not None:
                         yield held
                     held = step
@@ -127,6 +131,8 @@ class RemoteRun:
             if e.special:
                 vocab.mark_end(steps[-1].token)
         finish = choice.get("finish_reason")
+        if finish == "stop" and entries and not entries[-1].piece and not entries[-1].raw and steps:
+            vocab.mark_end(steps[-1].token)  # llama.cpp reports the end token, with no text, when not streaming
         if finish == "stop":
             if not steps or steps[-1].token not in vocab.eos_token_ids:
                 steps.append(Step(vocab.END, Distribution(top=[], vocab_size=None)))
