@@ -109,7 +109,7 @@ def _tokenizer(writer: Any, gguf: Any, config: dict[str, Any], tok: dict[str, An
     eos = config["eos_token_id"]
     index = {t: i for i, t in enumerate(tokens)}
     writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(index.get(tok_config.get("eos_token"), eos[0] if isinstance(eos, list) else eos))
+    writer.add_eos_token_id(index.get(str(tok_config.get("eos_token")), eos[0] if isinstance(eos, list) else eos))
     if config.get("pad_token_id") is not None:
         writer.add_pad_token_id(config["pad_token_id"])
     writer.add_add_bos_token(bool(tok_config.get("add_bos_token", False)))
