@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..decode import token_bytes
-from .protocol import BadRequest, Call, chunk, encode_prompt, final_reply, finish_of, parse_call, usage
+from .protocol import BadRequest, Call, encode_prompt, parse_call
+from .replies import chunk, final_reply, finish_of, usage
 from .worker import Busy, Job, Worker
 
 __all__ = ["create_app"]
