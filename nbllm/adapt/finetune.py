@@ -80,6 +80,7 @@ class FineTune:
         self.seconds = 0.0
         self.error: BaseException | None = None
         self._lm: Any = None
+        self.view: Any = None  # the live view showing this run, if any
         self._stop = threading.Event()
         self._done = threading.Event()
 
@@ -175,7 +176,8 @@ def finetune(
         if plan.folder is None:  # named now, so the result knows its folder before the thread makes it
             plan = dataclasses.replace(plan, folder=Path(tempfile.mkdtemp(prefix="nbllm-adapters-")))
         result = FineTune(lm, plan.folder or Path(), plan.steps)
-        return TrainingView(result, lambda report: train(plan, on_report=report, result=result)).start(on_report)
+        result.view = TrainingView(result, lambda report: train(plan, on_report=report, result=result))
+        return result.view.start(on_report)
     progress = _bar(plan.steps) if view in ("auto", "bar") else contextlib.nullcontext(None)
     with progress as bar:
         return train(plan, on_report=_chain(on_report, bar))
@@ -285,6 +287,7 @@ def _train(plan: Plan, on_report: Callable[[Report], None] | None, result: FineT
     result.tokens_per_second = sum(rates) / len(rates)
     tuned = copy_model(lm.model)
     apply_adapters(lm, tuned, folder)
+    mx.eval(tuned.parameters())  # here: MLX ties pending work to this thread's stream (a view's worker ends)
     result._lm = derive(lm, tuned, "lora", adapters=folder)
     return result
 
