@@ -52,10 +52,17 @@ class Report:
 
 @dataclass
 class Losses:
-    """Loss history: ``train`` is ``[(step, loss)]``; ``validation`` is ``[(step, loss)]``, step 0 before training."""
+    """Loss history: ``train`` is ``[(step, loss)]``; ``validation`` is ``[(steps done, loss)]``, from 0 (before
+    training) to the last step (after it)."""
 
     train: list[tuple[int, float]] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
+
+    def figure(self) -> Any:
+        """Both curves against the step (a matplotlib ``Figure``)."""
+        from ..render_training import losses_figure
+
+        return losses_figure(self.train, self.validation)
 
 
 class FineTune:
@@ -165,7 +172,9 @@ def finetune(
 
     Returns:
         A ``FineTune``. Under the live view training runs in the background (so Stop can
-        be clicked) and ``.lm`` / ``.wait()`` wait for it; otherwise it has ended.
+        be clicked) and ``.lm`` / ``.wait()`` wait for it; otherwise it has ended. Stop
+        (the button, ``stop()``) and Ctrl-C end training after the current step and return
+        normally, with ``stopped`` set and the adapters so far in the folder and on ``.lm``.
     """
     if view not in ("auto", "widget", "bar", "none"):
         raise ValueError(f"view: expected 'auto', 'widget', 'bar' or 'none', got {view!r}")
@@ -185,9 +194,15 @@ def finetune(
 
 def train(plan: Plan, *, on_report: Callable[[Report], None] | None = None, result: FineTune | None = None) -> FineTune:
     """Run a checked ``Plan`` on this thread (``finetune`` without the view); returns when training ends."""
+    import mlx.core as mx
+
+    from ..mlx_engine import generation_stream
+
     result = result or FineTune(plan.lm, plan.folder or Path(), plan.steps)
     try:
-        return _train(plan, on_report, result)
+        # All of it on this thread's own stream: MLX ties streams to threads (Metal needs it; mlx-lm #1090)
+        with mx.stream(generation_stream()):
+            return _train(plan, on_report, result)
     except BaseException as err:
         result.error = err
         raise
@@ -203,8 +218,6 @@ def _train(plan: Plan, on_report: Callable[[Report], None] | None, result: FineT
     from mlx_lm.tuner.trainer import TrainingArgs
     from mlx_lm.tuner.trainer import train as mlx_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from ..mlx_engine import generation_stream
 
     lm = plan.lm
     mx.random.seed(plan.seed)
@@ -265,7 +278,7 @@ def _train(plan: Plan, on_report: Callable[[Report], None] | None, result: FineT
     )
     start = time.perf_counter()
     try:
-        with mx.stream(generation_stream()), _quiet_trainer():
+        with _quiet_trainer():
             mlx_train(
                 model=model,
                 optimizer=optim.Adam(learning_rate=plan.learning_rate),
@@ -287,7 +300,14 @@ def _train(plan: Plan, on_report: Callable[[Report], None] | None, result: FineT
     result.tokens_per_second = sum(rates) / len(rates)
     tuned = copy_model(lm.model)
     apply_adapters(lm, tuned, folder)
-    mx.eval(tuned.parameters())  # here: MLX ties pending work to this thread's stream (a view's worker ends)
+    mx.eval(tuned.parameters())  # now, on this thread: a view's worker thread (and its stream) ends
+    done_at = result.losses.validation[-1][0] if result.losses.validation else None
+    if plan.validation is not None and done_at != result.steps:  # mlx-lm's last one runs before the last step
+        from mlx_lm.tuner.trainer import evaluate
+
+        val = plan.validation.dataset(lm.tokenizer, plan.mask_prompt)
+        loss = evaluate(tuned, val, plan.batch_size, num_batches=-1, max_seq_length=plan.max_seq_length)
+        result.losses.validation.append((result.steps, float(loss)))
     result._lm = derive(lm, tuned, "lora", adapters=folder)
     return result
 

@@ -91,6 +91,8 @@ class TrainingView(widgets.VBox):
         except BaseException as err:  # kept on the result (wait() raises it); shown here
             self.state = f"error: {type(err).__name__}: {err}"
         finally:
+            if self.result.losses.validation:  # the last one is measured after the last step
+                self.val_loss = self.result.losses.validation[-1][1]
             self.stop_button.disabled = True
             self.redraw()
 
@@ -112,7 +114,7 @@ class TrainingView(widgets.VBox):
         )
 
     def figure(self) -> Any:
-        return render_training.losses_figure(self.result.losses.train, self.result.losses.validation)
+        return self.result.losses.figure()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         data = super()._repr_mimebundle_(**kwargs) or {}
