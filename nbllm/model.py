@@ -174,6 +174,25 @@ class LM:
         )
         return f"<table class='nbllm-info'><caption style='text-align:left'><b>nbllm model</b></caption>{rows}</table>"
 
+    # -- changing the model (nbllm.adapt) ----------------------------------------
+    def with_adapters(self, adapter_path: str | os.PathLike[str]) -> LM:
+        """A new handle with the LoRA/DoRA adapters in ``adapter_path`` applied; this one is unchanged."""
+        from .adapt import with_adapters
+
+        return cast(LM, with_adapters(self, adapter_path))
+
+    def fuse(self, *, dequantize: bool = False) -> LM:
+        """A new handle with its adapters merged into the weights; see ``nbllm.adapt.fuse``."""
+        from .adapt import fuse
+
+        return cast(LM, fuse(self, dequantize=dequantize))
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write a standard MLX model folder (``mlx_lm.load`` and ``nbllm.load`` read it); returns its path."""
+        from .adapt import save_folder
+
+        return save_folder(self, folder)
+
     # -- prompts -----------------------------------------------------------
     def encode(self, prompt: Any, *, system: str | None = None, raw: bool = False, images: Any = None) -> Prompt:
         """Turn a prompt into the ``Prompt`` record the model sees.
@@ -270,25 +289,6 @@ class LM:
     def score(self, text: Any, **kwargs: Any) -> Scored:
         """How likely the model finds a given text, token by token; see ``nbllm.inside.score``."""
         return score(self, text, **kwargs)
-
-    # -- changing the model (nbllm.adapt) ----------------------------------------
-    def with_adapters(self, adapter_path: str | os.PathLike[str]) -> LM:
-        """A new handle with the LoRA/DoRA adapters in ``adapter_path`` applied; this one is unchanged."""
-        from .adapt import with_adapters
-
-        return cast(LM, with_adapters(self, adapter_path))
-
-    def fuse(self, *, dequantize: bool = False) -> LM:
-        """A new handle with its adapters merged into the weights; see ``nbllm.adapt.fuse``."""
-        from .adapt import fuse
-
-        return cast(LM, fuse(self, dequantize=dequantize))
-
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write a standard MLX model folder (``mlx_lm.load`` and ``nbllm.load`` read it); returns its path."""
-        from .adapt import save_folder
-
-        return save_folder(self, folder)
 
 
 def as_list(images: Any) -> list[Any]:

@@ -286,7 +286,7 @@ def test_finetune_live_view_draws_and_stops(page: Any) -> None:
     view.wait_for()
     expect(view.locator("svg.nbllm-losses polyline").first).to_be_visible()  # two or more steps drawn
     expect(view.locator(".nbllm-foot")).to_contain_text("training")
-    c.screenshot(path=str(ARTIFACTS / "07-training.png"))
+    c.screenshot(path=str(ARTIFACTS / "08-training.png"))
     view.get_by_role("button", name="Stop").click()
     expect(view.locator(".nbllm-foot")).to_contain_text("stopped")
     expect(view.get_by_role("button", name="Stop")).to_be_disabled()
