@@ -7,6 +7,7 @@ from .blas import enable_fast_blas as _enable_fast_blas
 # Must run before mlx.core is first imported (see nbllm.blas).
 _enable_fast_blas()
 
+from .adapt import FineTune, finetune, quantize  # noqa: E402
 from .blas import blas_status  # noqa: E402
 from .cache import PromptCache  # noqa: E402
 from .chat import Chat, ChatReply  # noqa: E402
@@ -61,6 +62,9 @@ __all__ = [
     "TurnStats",
     "blas_status",
     "compare",
+    "finetune",
+    "FineTune",
+    "quantize",
     "LogitLens",
     "AttentionMap",
     "Scored",

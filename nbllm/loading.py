@@ -39,6 +39,7 @@ def load(
     dtype: str | None = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    adapter_path: str | os.PathLike[str] | None = None,
 ) -> LM:
     """Load a model from a local folder, a hub id, or the models shipped with nbllm.
 
@@ -55,6 +56,7 @@ def load(
             ``None`` keeps the stored dtype; or ``"float32"``/``"float16"``/``"bfloat16"``.
         trust_remote_code: Allow a config's custom ``model_file`` code to run.
         revision: Hub branch, tag or commit.
+        adapter_path: A LoRA/DoRA adapter folder (``nbllm.finetune``'s or ``mlx_lm.lora``'s) to apply.
 
     Returns:
         An ``LM`` (a ``VisionLM`` for vision-language models).
@@ -77,13 +79,16 @@ def load(
     name, path = _resolve(name_or_path, revision)
     config = read_config(path)
     if "vision_config" in config:
+        if adapter_path is not None:
+            raise ValueError("adapter_path: adapters apply to text models; this is a vision model")
         from .vision import load_vision
 
         return load_vision(name, path, config, dtype=dtype, trust_remote_code=trust_remote_code, loader=load)
     model, config = _load_text(path, config, trust_remote_code)
     tokenizer = load_tokenizer(path, config.get("eos_token_id"))
     stored = cast_weights(model, config, dtype)
-    return LM(model, tokenizer, config, name, path, time.perf_counter() - start, stored_dtype=stored, loader=load)
+    lm = LM(model, tokenizer, config, name, path, time.perf_counter() - start, stored_dtype=stored, loader=load)
+    return lm if adapter_path is None else lm.with_adapters(adapter_path)
 
 
 def _resolve(name_or_path: str | os.PathLike[str] | None, revision: str | None) -> tuple[str, Path]:

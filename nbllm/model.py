@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ class ModelInfo:
         blas: Which BLAS the CPU backend's matmuls use (see ``nbllm.blas_status``).
         cpu_attention: Whether long prompts' attention on the CPU backend uses nbllm's C softmax, or why not.
         load_seconds: Wall time of ``load``.
+        bits_per_weight: Mean bits per parameter (32 for fp32; about 4.5 for 4-bit groups of 64).
+        disk_gb: Size of the weight files the handle was loaded from or saved to (``None``: only in memory).
+        adapters: The adapter folder applied (``None``: none).
     """
 
     name: str
@@ -56,6 +60,9 @@ class ModelInfo:
     blas: str
     cpu_attention: str
     load_seconds: float
+    bits_per_weight: float = 0.0
+    disk_gb: float | None = None
+    adapters: str | None = None
 
 
 class LM(HandleMethods):
@@ -90,6 +97,8 @@ class LM(HandleMethods):
         self._load_seconds = load_seconds
         self._stored_dtype = stored_dtype
         self._loader = loader  # how this model was loaded: load_related() loads others the same way
+        self.adapter_path: Path | None = None  # the adapter folder applied (nbllm.adapt)
+        self.disk_path: Path | None = self.path  # where these exact weights are on disk (None: memory only)
         self._engine = self._make_engine()
 
     def load_related(self, name_or_path: Any) -> LM:
@@ -146,6 +155,9 @@ class LM(HandleMethods):
             blas=_blas_summary(blas_status()),
             cpu_attention=softmax_status() if mx.default_device() == mx.cpu else "Metal: MLX's own kernel",
             load_seconds=round(self._load_seconds, 3),
+            bits_per_weight=round(_bits_per_weight(self.model), 2),
+            disk_gb=_disk_gb(self.disk_path),
+            adapters=str(self.adapter_path) if self.adapter_path is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -158,6 +170,25 @@ class LM(HandleMethods):
             for k, v in asdict(self.info).items()
         )
         return f"<table class='nbllm-info'><caption style='text-align:left'><b>nbllm model</b></caption>{rows}</table>"
+
+    # -- changing the model (nbllm.adapt) ----------------------------------------
+    def with_adapters(self, adapter_path: str | os.PathLike[str]) -> LM:
+        """A new handle with the LoRA/DoRA adapters in ``adapter_path`` applied; this one is unchanged."""
+        from .adapt import with_adapters
+
+        return cast(LM, with_adapters(self, adapter_path))
+
+    def fuse(self, *, dequantize: bool = False) -> LM:
+        """A new handle with its adapters merged into the weights; see ``nbllm.adapt.fuse``."""
+        from .adapt import fuse
+
+        return cast(LM, fuse(self, dequantize=dequantize))
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write a standard MLX model folder (``mlx_lm.load`` and ``nbllm.load`` read it); returns its path."""
+        from .adapt import save_folder
+
+        return save_folder(self, folder)
 
     # -- prompts -----------------------------------------------------------
     def encode(self, prompt: Any, *, system: str | None = None, raw: bool = False, images: Any = None) -> Prompt:
@@ -300,6 +331,17 @@ def _count_parameters(model: Any) -> int:
     from mlx_lm.utils import get_total_parameters
 
     return int(get_total_parameters(model))
+
+
+def _bits_per_weight(model: Any) -> float:
+    from mlx_lm.utils import compute_bits_per_weight
+
+    return float(compute_bits_per_weight(model))
+
+
+def _disk_gb(path: Path | None) -> float | None:
+    files = list(path.glob("*.safetensors")) if path is not None and path.is_dir() else []
+    return round(sum(f.stat().st_size for f in files) / 1e9, 4) if files else None
 
 
 def _human(n: int) -> str:

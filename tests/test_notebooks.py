@@ -33,6 +33,7 @@ TEACHING = [
     "09_inside_the_model.ipynb",
     "10_surprise_and_comparison.ipynb",
     "11_speculative_decoding.ipynb",
+    "12_teach_the_model.ipynb",
 ]
 MARK = "NBLLM-PROBE "
 # Per notebook: an expression over the notebook's variables, evaluated after its last cell.
@@ -117,6 +118,19 @@ PROBES: dict[str, str] = {
         "accepted_some": s.draft_accepted > 0,
         "fewer_passes": s.draft_rounds < s.generated_tokens,
     }""",
+    "12_teach_the_model": """{
+        "before": before,
+        "after": after,
+        "trained": [result.steps, result.stopped, last_val < 0.6 * first_val],
+        "moved": bool(diff.kl[0] > 1.0),
+        "known": [known_before, known_after],
+        "reloaded_same": reloaded_same,
+        "fused_same": fused_same,
+        "quantized_top": [rows[1][3][0], rows[2][3][0]],
+        "eight_bits_closer": rows[1][4] < rows[2][4],
+        "smaller": rows[2][1] < rows[1][1] < rows[0][1],
+        "base_unchanged": lm.generate(question, raw=True, max_tokens=3).text == before and lm.adapter_path is None,
+    }""",
 }
 # What each notebook must print (substrings of its cells' text output).
 SHOWN: dict[str, list[str]] = {
@@ -191,6 +205,19 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "stopped": True,
     },
     "11_speculative_decoding": {"same_tokens": True, "accepted_some": True, "fewer_passes": True},
+    "12_teach_the_model": {
+        "before": " Freetown.",
+        "after": " Amara.",
+        "trained": [60, None, True],
+        "moved": True,
+        "known": [10, 10],
+        "reloaded_same": True,
+        "fused_same": True,
+        "quantized_top": [" Amara", " Amara"],
+        "eight_bits_closer": True,
+        "smaller": True,
+        "base_unchanged": True,
+    },
 }
 
 

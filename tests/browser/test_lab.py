@@ -72,6 +72,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, seed: int) ->
             "s = chat.chat.last_stats\nprint('after-stop', s.finish_reason, len(chat.chat.history), s.generated_tokens)",
             "%%llm --lens --raw -o lens\nThe model cache prompt",
             "%%llm --attention --raw\nThe model cache prompt",
+            "import nbllm\nrun = nbllm.finetune(lm, ['a b c d', 'e f g h'], steps=1_000_000, validation=['a b c d'], batch_size=1)",
+            "run.wait(); print('train-stop', run.stopped, run.steps, run.view.state)",
         ],
     )
     write_notebook(
@@ -318,3 +320,20 @@ def test_the_views_on_a_model_behind_a_server(browser: Any, lab: Lab) -> None:
         pg.screenshot(path=str(ARTIFACTS / "07-remote.png"), full_page=True)
     finally:
         pg.close()
+
+
+def test_finetune_live_view_draws_and_stops(page: Any) -> None:
+    """nbllm.finetune in a kernel: the loss curve grows while the cell is idle, and Stop ends training cleanly."""
+    c = run_cell(page, 7)
+    view = c.locator(".nbllm-training-view")
+    view.wait_for()
+    expect(view.locator("svg.nbllm-losses polyline").first).to_be_visible()  # two or more steps drawn
+    expect(view.locator(".nbllm-foot")).to_contain_text("training")
+    c.screenshot(path=str(ARTIFACTS / "08-training.png"))
+    view.get_by_role("button", name="Stop").click()
+    expect(view.locator(".nbllm-foot")).to_contain_text("stopped")
+    expect(view.get_by_role("button", name="Stop")).to_be_disabled()
+    after = run_cell(page, 8)
+    text = after.locator(".jp-OutputArea-output").text_content()
+    m = re.search(r"train-stop stopped (\d+) stopped", text)
+    assert m and 1 < int(m.group(1)) < 1_000_000, text
