@@ -293,7 +293,8 @@ def test_inside_views_render_heatmaps_with_hovers(page: Any, lm: nbllm.LM) -> No
 
 def test_the_views_on_a_model_behind_a_server(browser: Any, lab: Lab) -> None:
     """nbllm serve on loopback, started from the notebook: the stepper (top-k-only distribution) and chat Stop."""
-    pg = open_notebook(browser, lab, lab.page_url("remote.ipynb"), "remote.ipynb")
+    # Notebook 7's single-document page: a second JupyterLab page would share the demo page's workspace
+    pg = open_notebook(browser, lab, f"{lab.url}/notebooks/remote.ipynb?token={lab.token}", "remote.ipynb")
     try:
         expect(run_cell(pg, 0).locator(".jp-OutputArea-output")).to_contain_text("connected: llama on a nbllm server")
         stepper = run_cell(pg, 1).locator(".nbllm-stepper")
