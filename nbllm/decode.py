@@ -116,9 +116,13 @@ def _raw_bytes(tokenizer: Any, token_id: int) -> str | None:
     raw = str(tokenizer.convert_ids_to_tokens(token_id))
     if raw.startswith("<0x") and raw.endswith(">"):  # SentencePiece byte fallback
         return raw
-    if all(ch in _BYTES for ch in raw):
-        return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
-    return None
+    data = _byte_level(raw)
+    return None if data is None else data.decode("utf-8", errors="backslashreplace")
+
+
+def _byte_level(raw: str) -> bytes | None:
+    """A byte-level BPE vocabulary entry (``'ĠParis'``) as its bytes; ``None`` when it is not one."""
+    return bytes(_BYTES[ch] for ch in raw) if raw and all(ch in _BYTES for ch in raw) else None
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:
@@ -129,9 +133,8 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     raw = str(tokenizer.convert_ids_to_tokens(token_id))
     if raw.startswith("<0x") and raw.endswith(">"):  # SentencePiece byte fallback
         return bytes([int(raw[3:-1], 16)])
-    if all(ch in _BYTES for ch in raw):
-        return bytes(_BYTES[ch] for ch in raw)
-    return text.encode("utf-8")
+    data = _byte_level(raw)
+    return text.encode("utf-8") if data is None else data
 
 
 def byte_level_text(raw: str) -> str:
@@ -141,9 +144,8 @@ def byte_level_text(raw: str) -> str:
     """
     if "▁" in raw:
         return raw.replace("▁", " ")
-    if raw and all(ch in _BYTES for ch in raw):
-        return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
-    return raw
+    data = _byte_level(raw)
+    return raw if data is None else data.decode("utf-8", errors="backslashreplace")
 
 
 def describe(
